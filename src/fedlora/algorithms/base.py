@@ -1,0 +1,229 @@
+"""The algorithm interface shared by the simulator and the Flower runtime.
+
+An algorithm is server-side logic over plain tensors. Each round:
+
+1. :meth:`Algorithm.configure` returns a :class:`Payload` per sampled client: the
+   adapter :class:`~fedlora.lora.Layout` it trains, the tensors it loads, and which of
+   its trained tensors it uploads.
+2. The client loads its private state, then the payload (the payload wins where both
+   name a key), trains every trainable tensor of the layout, and splits what it trained:
+   keys matching ``Payload.upload`` go up in an :class:`Update`, the rest stay private.
+3. :meth:`Algorithm.aggregate` folds the round's updates into the server state.
+
+Nothing here imports a runtime: an algorithm is testable with a dict of tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from fedlora.errors import FedLoraError
+from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class FederationContext:
+    """What an algorithm knows about the federation when it is built."""
+
+    client_ids: list[int]
+    num_examples: dict[int, int]
+    module_shapes: dict[ModuleId, tuple[int, int]]
+    rank: int
+    alpha: float
+    ranks: dict[int, int]
+    seed: int
+    rounds: int
+
+    @property
+    def module_ids(self) -> list[ModuleId]:
+        return sorted(self.module_shapes)
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + max(mid.layer for mid in self.module_shapes)
+
+
+@dataclass
+class Payload:
+    """What the server sends one client for one round.
+
+    Attributes
+    ----------
+    layout
+        The adapter slots the client trains this round.
+    tensors
+        Adapter tensors to load (counted as download bytes).
+    upload
+        fnmatch patterns over keys: trained tensors that match go up, the rest stay
+        private to the client. ``("*",)`` uploads everything trained; ``()`` nothing.
+    """
+
+    layout: Layout
+    tensors: Tensors
+    upload: tuple[str, ...] = ("*",)
+
+    def split(self, trained: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+        """Split trained tensors into (upload, private) by the ``upload`` patterns."""
+        if not self.upload:
+            return {}, dict(trained)
+        pattern = re.compile("|".join(fnmatch.translate(p) for p in self.upload))
+        up: Tensors = {}
+        private: Tensors = {}
+        for key, value in trained.items():
+            (up if pattern.match(key) else private)[key] = value
+        return up, private
+
+
+@dataclass
+class Update:
+    """What one client sends back after local training."""
+
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    """Base of every algorithm's options dataclass (fields = the ``[algorithm]`` keys)."""
+
+
+class Algorithm(ABC):
+    """Base class of every federated algorithm.
+
+    Subclasses set ``name``, ``description``, ``paper`` and ``options_class``; implement
+    :meth:`configure` and :meth:`aggregate`; and override the optional hooks where they
+    learn something (:meth:`structure`), keep a global model (:meth:`global_payload`) or
+    hold server state (:meth:`state_dict` / :meth:`load_state_dict`).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str] = ""
+    options_class: ClassVar[type[Options]] = Options
+    #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern.
+    lr_multipliers: ClassVar[Mapping[str, float]] = {}
+
+    def __init__(self, ctx: FederationContext, options: Options) -> None:
+        self.ctx = ctx
+        self.options = options
+
+    # --- server hooks ---------------------------------------------------------------
+    @abstractmethod
+    def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """Payloads for the clients sampled in round ``rnd``."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
+        """Fold the round's client updates into the server state."""
+
+    def global_payload(self) -> Payload | None:
+        """The one model for all clients, if the algorithm has one (else None)."""
+        return None
+
+    def structure(self) -> dict[str, Any]:
+        """What the algorithm learned about the federation, for ``summary.json``."""
+        return {}
+
+    @classmethod
+    def draw(cls, structure: dict[str, Any], out_dir: Path) -> list[Path]:
+        """Algorithm-specific pictures drawn from ``structure`` into ``out_dir`` (default: none)."""
+        return []
+
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        """Server state for checkpoints: tensors and JSON-able metadata."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (default: nothing to restore)."""
+        return None
+
+    # --- helpers for subclasses -----------------------------------------------------
+    def lora_layout(self, rank: int | None = None, *, slot: str = "lora", train_a: bool = True) -> Layout:
+        """One plain LoRA slot on every adapted module."""
+        r = rank if rank is not None else self.ctx.rank
+        spec = SlotSpec(slot, r, self.ctx.alpha, train_a=train_a)
+        return Layout.uniform(self.ctx.module_ids, ModuleLayout(slots=(spec,)))
+
+    def weights(self, clients: Sequence[int], weighting: str = "examples") -> dict[int, float]:
+        """Aggregation weights q_k over ``clients`` (by examples, or uniform)."""
+        if weighting == "uniform":
+            return {c: 1.0 / len(clients) for c in clients}
+        total = sum(self.ctx.num_examples[c] for c in clients)
+        return {c: self.ctx.num_examples[c] / total for c in clients}
+
+
+def weighted_mean(updates: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> Tensors:
+    """Key-wise weighted mean of client tensors; weights are normalised over the clients given.
+
+    Every client must upload the same keys with the same shapes.
+    """
+    clients = list(updates)
+    if not clients:
+        return {}
+    keys = list(updates[clients[0]])
+    total = sum(weights[c] for c in clients)
+    out: Tensors = {}
+    for key in keys:
+        stacked = torch.stack([updates[c][key].float() for c in clients])
+        w = torch.tensor([weights[c] / total for c in clients], dtype=stacked.dtype)
+        out[key] = torch.tensordot(w, stacked, dims=1)
+    return out
+
+
+_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm available by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"algorithm {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Algorithm]]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise FedLoraError(f"unknown algorithm {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def parse_options(cls: type[Algorithm], raw: Mapping[str, Any]) -> Options:
+    """Build ``cls.options_class`` from the ``[algorithm]`` table, with clear errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls.options_class)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise FedLoraError(f"algorithm {cls.name!r} has no option {', '.join(unknown)}; its options: {valid}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = getattr(cls.options_class(), key)
+        values[key] = _coerce(f"algorithm.{key}", value, default)
+    try:
+        return cls.options_class(**values)
+    except (TypeError, ValueError) as exc:
+        raise FedLoraError(f"algorithm {cls.name!r}: {exc}") from None
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if default is None or isinstance(value, type(default)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise FedLoraError(f"{name} = {value!r}: expected {type(default).__name__} like {default!r}")

@@ -1,0 +1,276 @@
+"""The ``fedlora`` command: run, compare, list, report, export.
+
+Every mistake a user can make (config, files, names, shapes) ends in one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedLoraError
+
+EXIT_USER_ERROR = 2
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _run_dir(config: Any, out: str | None, suffix: str = "") -> Path:
+    if out:
+        return Path(out)
+    return Path(config.run.out) / f"{config.run.name}_{config.algorithm_name}_s{config.run.seed}{suffix}"
+
+
+def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FedLoraError(
+                f"{run_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, "
+                "or choose another --out"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_one(config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) one configuration into ``run_dir`` with a progress bar."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fedlora.report import draw_run
+    from fedlora.simulation import Simulation, sample_clients
+
+    if not resume:
+        _prepare_dir(run_dir, overwrite)
+    console = _console()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("loading", total=None, status="")
+        state: dict[str, Any] = {"last": ""}
+
+        def on_progress(rnd: int, client: int | None) -> None:
+            if client is None:
+                row = sim.log.rows()[-1]
+                acc = row.get("personalized_acc_mean")
+                glob = row.get("global_acc")
+                state["last"] = (f"round {rnd + 1}: pers {acc:.3f}" if acc is not None else f"round {rnd + 1}") + (
+                    f" global {glob:.3f}" if glob is not None else ""
+                )
+                progress.update(task, status=state["last"])
+            else:
+                progress.advance(task)
+
+        sim = Simulation(config, run_dir, on_progress)
+        if resume:
+            sim.resume()
+        else:
+            (run_dir / "config.toml").write_text(config.to_toml())
+        ids = sim.fed.client_ids
+        total = sum(len(sample_clients(config, ids, r)) for r in range(config.run.rounds))
+        done = sum(len(sample_clients(config, ids, r)) for r in range(sim.next_round))
+        progress.update(task, description=f"{config.algorithm_name} s{config.run.seed}", total=total, completed=done)
+        summary = sim.run()
+    draw_run(run_dir)
+    return summary
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from fedlora.config import load_config
+
+    return load_config(Path(args.config) if args.config else None, args.set)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.config import load_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise FedLoraError(f"{run_dir} has no config.toml: is it a fedlora run directory?")
+        config = load_config(saved, args.set)
+        (run_dir / "config.toml").write_text(config.to_toml())
+    else:
+        config = _load(args)
+        run_dir = _run_dir(config, args.out)
+    summary = run_one(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    final = summary["final"] or {}
+    acc = final.get("personalized_acc_mean")
+    glob = final.get("global_acc")
+    parts = [f"{summary['algorithm']}: {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s"]
+    if acc is not None:
+        parts.append(f"personalized acc {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+    if glob is not None:
+        parts.append(f"global acc {glob:.4f}")
+    print("; ".join(parts))
+    print(f"run directory: {run_dir}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from fedlora.algorithms import get_algorithm
+    from fedlora.report import comparison_table
+
+    base = _load(args)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
+    for name in algorithms:
+        get_algorithm(name)
+    out = Path(args.out) if args.out else Path(base.run.out) / f"{base.run.name}_compare"
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    run_dirs: list[Path] = []
+    from fedlora.config import load_config
+
+    for name in algorithms:
+        for seed in seeds:
+            config = load_config(
+                Path(args.config) if args.config else None, [*args.set, f"algorithm.name={name!r}", f"run.seed={seed}"]
+            )
+            if name != base.algorithm_name:
+                config.algorithm = {"name": name}
+            run_dir = out / f"{name}_s{seed}"
+            summaries.setdefault(name, []).append(
+                run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
+            )
+            run_dirs.append(run_dir)
+    table, data = comparison_table(summaries)
+    header = (
+        f"# Comparison: {base.data.dataset}, {base.model.name}, {base.data.num_clients} clients, "
+        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in %, mean ± std over seeds.\n\n"
+    )
+    (out / "comparison.md").write_text(header + table)
+    (out / "comparison.json").write_text(json.dumps(data, indent=2))
+    Console().print(Markdown(table))
+    print("run directories:")
+    for d in run_dirs:
+        print(f"  {d}")
+    print(f"comparison: {out / 'comparison.md'}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedlora.algorithms import registry
+    from fedlora.data import DATASET_CATALOG, PARTITIONERS, USER_DATASET_FORMS
+    from fedlora.models import MODEL_CATALOG
+
+    console = Console()
+    sections = {
+        "algorithms": {name: cls.description for name, cls in registry().items()},
+        "models": MODEL_CATALOG,
+        "datasets": {**DATASET_CATALOG, **USER_DATASET_FORMS},
+        "partitioners": PARTITIONERS,
+    }
+    for title, entries in sections.items():
+        table = Table(title=title, show_header=False, title_justify="left")
+        for name, description in entries.items():
+            table.add_row(f"[bold]{name}[/bold]", description)
+        console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.report import draw_run
+
+    for path in draw_run(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.export import export_adapter
+
+    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=Path(args.out))
+    print(f"wrote peft adapter to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of transformers with LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("config", nargs=None if required else "?", help="TOML config file")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+        p.add_argument("--out", help="output directory")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p_run = sub.add_parser("run", help="run one federated experiment")
+    config_args(p_run, required=False)
+    p_run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p_run.set_defaults(func=cmd_run)
+
+    p_cmp = sub.add_parser("compare", help="run several algorithms (and seeds) and tabulate them")
+    config_args(p_cmp, required=True)
+    p_cmp.add_argument("--algorithms", required=True, help="comma-separated algorithm names")
+    p_cmp.add_argument("--seeds", help="comma-separated seeds (default: run.seed)")
+    p_cmp.set_defaults(func=cmd_compare)
+
+    p_list = sub.add_parser("list", help="algorithms, models, datasets and partitioners")
+    p_list.set_defaults(func=cmd_list)
+
+    p_rep = sub.add_parser("report", help="redraw the plots of a run directory")
+    p_rep.add_argument("run_dir")
+    p_rep.set_defaults(func=cmd_report)
+
+    p_exp = sub.add_parser("export", help="export a client's (or the global) adapter in peft format")
+    p_exp.add_argument("run_dir")
+    p_exp.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
+    p_exp.add_argument("--out", required=True, help="adapter directory to write")
+    p_exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "run" and not args.config and not args.resume:
+        parser.error("run needs a CONFIG file or --resume DIR")
+    try:
+        return int(args.func(args))
+    except FedLoraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; continue with --resume <run dir>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

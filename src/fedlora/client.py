@@ -1,0 +1,175 @@
+"""Local training and evaluation of one client on the one shared model.
+
+The runtime keeps a single :class:`~fedlora.lora.LoraModel` in memory. For each client
+it calls :meth:`ClientRunner.load` (layout, seeded defaults, private state, payload),
+:meth:`ClientRunner.train` (AdamW over the layout's trainable tensors), then reads the
+trained tensors back with :meth:`ClientRunner.trained_state`. The loop is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedlora.algorithms.base import Payload, Tensors
+from fedlora.config import TrainConfig
+from fedlora.data import TokenizedCorpus
+from fedlora.lora import LoraModel, init_state
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (run seed, round, client, purpose)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class EvalResult:
+    """Sums over a client's evaluation examples (so they can be pooled exactly)."""
+
+    correct: int
+    loss_sum: float
+    n: int
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.n if self.n else float("nan")
+
+
+class ClientRunner:
+    """Trains and evaluates any client on the shared model.
+
+    Parameters
+    ----------
+    lora_model
+        The one model, with LoRA injected.
+    corpus
+        Every example of the run, tokenized once.
+    train
+        Local training settings.
+    seed
+        The run seed: LoRA init, batch order and dropout derive from it.
+    head_init
+        The seeded head tensors (defaults for a trained head).
+    head_trainable
+        Whether clients train the classification head (policy ``local``/``federated``).
+    """
+
+    def __init__(
+        self,
+        lora_model: LoraModel,
+        corpus: TokenizedCorpus,
+        train: TrainConfig,
+        seed: int,
+        head_init: Tensors,
+        head_trainable: bool,
+    ) -> None:
+        self.lora_model = lora_model
+        self.corpus = corpus
+        self.train_config = train
+        self.seed = seed
+        self.head_init = head_init
+        self.head_trainable = head_trainable
+        self._payload: Payload | None = None
+
+    # --- state ------------------------------------------------------------------------
+    def load(self, payload: Payload, private: Mapping[str, torch.Tensor], extra: Mapping[str, torch.Tensor]) -> None:
+        """Make the model hold this client's model for the round.
+
+        Order: seeded defaults for the layout, then private state, then the payload (and
+        ``extra``, the head tensors from the head policy). Later sources win.
+        """
+        lm = self.lora_model
+        lm.apply_layout(payload.layout)
+        state = init_state(payload.layout, lm.shapes, self.seed)
+        state.update(self.head_init)
+        state.update(private)
+        state.update(payload.tensors)
+        state.update(extra)
+        lm.load(state)
+        self._payload = payload
+
+    def trainable_keys(self) -> list[str]:
+        if self._payload is None:
+            raise RuntimeError("load() a payload first")
+        keys = self._payload.layout.trainable_keys()
+        if self.head_trainable:
+            keys += list(self.head_init)
+        return keys
+
+    def trained_state(self) -> Tensors:
+        """Copies of every tensor trained this round (adapters, mixing, head)."""
+        return self.lora_model.read(self.trainable_keys())
+
+    # --- training ---------------------------------------------------------------------
+    def batches(self, indices: np.ndarray, seed: int) -> list[np.ndarray]:
+        """The round's mini-batches: seeded shuffles, ``local_steps`` batches or whole epochs."""
+        cfg = self.train_config
+        rng = np.random.default_rng(seed)
+        bs = min(cfg.batch_size, len(indices))
+        per_epoch = math.ceil(len(indices) / bs)
+        steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+        out: list[np.ndarray] = []
+        while len(out) < steps:
+            order = rng.permutation(indices)
+            out.extend(order[i : i + bs] for i in range(0, len(order), bs))
+        return out[:steps]
+
+    def train(self, client: int, rnd: int, indices: np.ndarray, lr_multipliers: Mapping[str, float]) -> float:
+        """Run the round's local steps; return the mean training loss."""
+        cfg = self.train_config
+        keys = self.trainable_keys()
+        trainable = set(keys)
+        for key, param in self.lora_model.parameters_for(self.lora_model.all_keys()):
+            param.requires_grad_(key in trainable)
+        groups: dict[float, list[torch.Tensor]] = {}
+        for key, param in self.lora_model.parameters_for(keys):
+            mult = next((m for pat, m in lr_multipliers.items() if fnmatch.fnmatchcase(key, pat)), 1.0)
+            groups.setdefault(mult, []).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": cfg.lr * m} for m, ps in groups.items()], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        seed = derive_seed(self.seed, rnd, client, "train")
+        torch.manual_seed(seed)
+        model = self.lora_model.model
+        model.train()
+        losses: list[float] = []
+        for batch_idx in self.batches(indices, seed):
+            batch = self.corpus.batch(batch_idx)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.cross_entropy(logits, batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    @torch.inference_mode()
+    def evaluate(self, indices: Sequence[int] | np.ndarray) -> EvalResult:
+        """Accuracy and loss sums on ``indices`` with the model as loaded."""
+        idx = np.asarray(indices)
+        if len(idx) == 0:
+            return EvalResult(0, 0.0, 0)
+        order = idx[np.argsort(self.corpus.lengths[idx], kind="stable")]
+        bs = self.train_config.eval_batch_size
+        model = self.lora_model.model
+        model.eval()
+        correct = 0
+        loss_sum = 0.0
+        for start in range(0, len(order), bs):
+            batch = self.corpus.batch(order[start : start + bs])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        return EvalResult(correct, loss_sum, len(order))

@@ -1,0 +1,124 @@
+"""Metrics rows (``metrics.jsonl``), round aggregates and ``summary.json``.
+
+Per-client rows: ``{"round", "client", "split", "acc", "loss", "n", "train_loss",
+"bytes_up", "bytes_down", "n_train"}``. Round aggregate rows have ``"client": null`` and
+hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
+``global_acc``/``global_loss`` (null where the algorithm has no global model),
+``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds`` and ``clients``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedlora.client import EvalResult
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
+    from fedlora.simulation import Federation
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log, flushed after every row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only rows for which ``keep`` is true (used when resuming)."""
+        rows = [r for r in self.rows() if keep(r)]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def round_aggregate(
+    rnd: int,
+    client_rows: Sequence[Mapping[str, Any]],
+    results: Mapping[int, EvalResult] | None,
+    global_result: EvalResult | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``client: null`` row of a round."""
+    row: dict[str, Any] = {
+        "round": rnd,
+        "client": None,
+        "clients": [r["client"] for r in client_rows],
+        "train_loss": _finite(float(np.mean([r["train_loss"] for r in client_rows]))) if client_rows else None,
+        "bytes_up": int(sum(r["bytes_up"] for r in client_rows)),
+        "bytes_down": int(sum(r["bytes_down"] for r in client_rows)),
+        "seconds": seconds,
+        "personalized_acc_mean": None,
+        "personalized_acc_std": None,
+        "personalized_acc_min": None,
+        "personalized_acc_weighted": None,
+        "personalized_loss_mean": None,
+        "global_acc": global_result.acc if global_result else None,
+        "global_loss": global_result.loss if global_result else None,
+    }
+    evaluated = [r for r in (results or {}).values() if r.n > 0]
+    if evaluated:
+        accs = np.array([r.acc for r in evaluated])
+        row.update(
+            personalized_acc_mean=float(accs.mean()),
+            personalized_acc_std=float(accs.std()),
+            personalized_acc_min=float(accs.min()),
+            personalized_acc_weighted=sum(r.correct for r in evaluated) / sum(r.n for r in evaluated),
+            personalized_loss_mean=float(np.mean([r.loss for r in evaluated])),
+        )
+    return row
+
+
+def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows if r.get("client") is None]
+
+
+def summarize(
+    config: Config, fed: Federation, rows: Sequence[Mapping[str, Any]], wall_seconds: float, trainable_params: int
+) -> dict[str, Any]:
+    """``summary.json``: the run's identity, final and best rows, totals and structure."""
+    agg = aggregate_rows(rows)
+    evaluated = [r for r in agg if r["personalized_acc_mean"] is not None]
+    best = max(evaluated, key=lambda r: r["personalized_acc_mean"]) if evaluated else None
+    total_params = sum(p.numel() for p in fed.lora_model.model.parameters())
+    return {
+        "algorithm": config.algorithm_name,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "num_clients": len(fed.client_ids),
+        "rounds": config.run.rounds,
+        "seed": config.run.seed,
+        "final": agg[-1] if agg else None,
+        "best": {"round": best["round"], "row": best} if best else None,
+        "wall_seconds": wall_seconds,
+        "bytes_up_total": int(sum(r["bytes_up"] for r in agg)),
+        "bytes_down_total": int(sum(r["bytes_down"] for r in agg)),
+        "trainable_params": trainable_params,
+        "trainable_percent": 100.0 * trainable_params / total_params if total_params else None,
+        "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
+        "structure": fed.algorithm.structure(),
+    }

@@ -1,0 +1,115 @@
+"""Plots of a run directory (learning curves, plus each algorithm's own pictures) and
+the comparison table of several runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedlora.algorithms import get_algorithm
+from fedlora.errors import FedLoraError
+from fedlora.metrics import aggregate_rows, read_metrics
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise FedLoraError(f"{run_dir} has no summary.json: is it a finished fedlora run directory?")
+    return json.loads(summary_file.read_text()), read_metrics(run_dir / "metrics.jsonl")
+
+
+def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Path) -> Path:
+    agg = [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rounds = np.array([r["round"] + 1 for r in agg])
+    if len(agg):
+        mean = np.array([r["personalized_acc_mean"] for r in agg])
+        std = np.array([r["personalized_acc_std"] for r in agg])
+        ax_acc.plot(rounds, mean, marker="o", label="personalized (mean over clients)")
+        ax_acc.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax_acc.plot(rounds, [r["personalized_acc_min"] for r in agg], ls=":", label="personalized (worst client)")
+        if any(r["global_acc"] is not None for r in agg):
+            ax_acc.plot(rounds, [r["global_acc"] for r in agg], marker="s", label="global model")
+        ax_loss.plot(rounds, [r["train_loss"] for r in agg], marker="o", label="train loss (mean)")
+        ax_loss.plot(rounds, [r["personalized_loss_mean"] for r in agg], marker="o", label="test loss (personalized)")
+    ax_acc.set(xlabel="round", ylabel="accuracy", title=title)
+    ax_loss.set(xlabel="round", ylabel="loss", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def draw_run(run_dir: Path) -> list[Path]:
+    """(Re)draw every plot of a run into ``run_dir/plots``."""
+    summary, rows = load_run(run_dir)
+    plots = run_dir / "plots"
+    title = f"{summary['algorithm']} on {summary['dataset']} ({summary['model']})"
+    drawn = [draw_learning_curves(rows, title, plots / "learning_curves.png")]
+    drawn += get_algorithm(summary["algorithm"]).draw(summary.get("structure", {}), plots)
+    return drawn
+
+
+def _mean_std(values: Sequence[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    arr = 100 * np.array(vals)
+    return f"{arr.mean():.2f} ± {arr.std():.2f}"
+
+
+def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """Markdown table and JSON of several algorithms' summaries (mean ± std over seeds)."""
+    lines = [
+        "| algorithm | personalized acc (final) | personalized acc (best) | best round | global acc (final) "
+        "| upload / round | download / round | trainable % | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    data: dict[str, Any] = {}
+    for algo, runs in summaries.items():
+        finals = [s["final"]["personalized_acc_mean"] for s in runs]
+        bests = [s["best"]["row"]["personalized_acc_mean"] if s["best"] else None for s in runs]
+        best_rounds = [s["best"]["round"] + 1 for s in runs if s["best"]]
+        globals_ = [s["final"]["global_acc"] for s in runs]
+        rounds = [s["rounds"] for s in runs]
+        up = float(np.mean([s["bytes_up_total"] / r for s, r in zip(runs, rounds, strict=True)]))
+        down = float(np.mean([s["bytes_down_total"] / r for s, r in zip(runs, rounds, strict=True)]))
+        trainable = runs[0].get("trainable_percent")
+        wall = float(np.mean([s["wall_seconds"] for s in runs]))
+        lines.append(
+            f"| {algo} | {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} "
+            f"| {_mean_std(globals_)} | {_human_bytes(up)} | {_human_bytes(down)} "
+            f"| {trainable:.3f} | {wall:.0f} |"
+        )
+        data[algo] = {
+            "seeds": [s["seed"] for s in runs],
+            "personalized_acc_final": finals,
+            "personalized_acc_best": bests,
+            "best_round": best_rounds,
+            "global_acc_final": globals_,
+            "bytes_up_per_round": up,
+            "bytes_down_per_round": down,
+            "trainable_percent": trainable,
+            "wall_seconds": wall,
+        }
+    return "\n".join(lines) + "\n", data
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"

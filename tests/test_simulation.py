@@ -1,0 +1,197 @@
+"""End-to-end runs of the simulator through the CLI on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlora.cli import main
+
+ROOT = Path(__file__).parent.parent
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds", None)
+    return rows
+
+
+def test_run_writes_the_output_contract(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", SMOKE, "--out", str(out), "--quiet"]) == 0
+    assert (out / "config.toml").is_file()
+    assert (out / "plots" / "learning_curves.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "algorithm",
+        "dataset",
+        "model",
+        "num_clients",
+        "rounds",
+        "seed",
+        "final",
+        "best",
+        "wall_seconds",
+        "bytes_up_total",
+        "bytes_down_total",
+        "structure",
+    ):
+        assert key in summary
+    rows = _rows(out)
+    aggregates = [r for r in rows if r["client"] is None]
+    assert [r["round"] for r in aggregates] == [0, 1]
+    final = aggregates[-1]
+    for key in ("personalized_acc_mean", "personalized_acc_std", "global_acc", "bytes_up", "bytes_down"):
+        assert final[key] is not None
+    clients = [r for r in rows if r["client"] is not None and r["round"] == 1]
+    assert len(clients) == 4
+    # fedit: every client downloads and uploads one full LoRA (A and B of 4 modules, rank 4, fp32).
+    # tiny-bert: 2 layers x (query, value), hidden 32: per module A 4x32 + B 32x4 = 256 floats.
+    lora_bytes = 2 * 2 * 256 * 4
+    assert all(r["bytes_up"] == lora_bytes and r["bytes_down"] == lora_bytes for r in clients)
+    assert summary["bytes_up_total"] == 2 * 4 * lora_bytes
+    weighted = sum(r["acc"] * r["n"] for r in clients) / sum(r["n"] for r in clients)
+    assert final["personalized_acc_weighted"] == pytest.approx(weighted)
+
+
+def test_resume_gives_identical_metrics(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    resumed = tmp_path / "resumed"
+    common = ["--set", "run.rounds=4", "--quiet"]
+    assert main(["run", SMOKE, "--out", str(straight), *common]) == 0
+    assert main(["run", SMOKE, "--out", str(resumed), "--set", "run.rounds=2", "--quiet"]) == 0
+    assert main(["run", "--resume", str(resumed), *common]) == 0
+    assert _rows(straight) == _rows(resumed)
+
+
+def test_local_head_is_private_and_federated_head_is_counted(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    fed = tmp_path / "fed"
+    assert main(["run", SMOKE, "--out", str(local), "--set", "model.head='local'", "--quiet"]) == 0
+    assert main(["run", SMOKE, "--out", str(fed), "--set", "model.head='federated'", "--quiet"]) == 0
+    up_local = json.loads((local / "summary.json").read_text())["bytes_up_total"]
+    up_fed = json.loads((fed / "summary.json").read_text())["bytes_up_total"]
+    head_bytes = (32 * 2 + 2) * 4  # classifier weight 2x32 + bias 2, fp32
+    assert up_fed - up_local == 2 * 4 * head_bytes
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", SMOKE, "--out", str(out), "--set", "run.rounds=1", "--quiet"]) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", SMOKE, "--out", str(out), "--set", "run.rounds=1", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def _write_csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=0.1"], "unknown key train.lrr"),
+        (["algorithm.name='fedavgg'"], "unknown algorithm 'fedavgg'"),
+        (["algorithm.nonsense=1"], "has no option nonsense"),
+        (["model.name='bert-huge'"], "bert-huge"),
+        (["data.dataset='imdb'"], "imdb"),
+        (["data.alpha=0"], "must be > 0"),
+        (["federation.fraction=2.0"], "must be in"),
+        (["data.num_clients=20000"], "20000"),
+        (["data.dataset='csv:/no/such/file.csv'"], "/no/such/file.csv"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], message: str
+) -> None:
+    args = ["run", SMOKE, "--out", str(tmp_path / "run"), "--quiet"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert err.startswith("fedlora: error:")
+
+
+def test_malformed_csv_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = _write_csv(tmp_path / "bad.csv", "sentence,label\nhello,1\nworld,0\n")
+    assert main(["run", SMOKE, "--out", str(tmp_path / "run"), "--set", f"data.dataset='csv:{csv}'", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "text" in err and "Traceback" not in err
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "/no/such/config.toml"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_user_csv_with_natural_clients(tmp_path: Path) -> None:
+    lines = ["text,label,client"]
+    for i in range(60):
+        lines.append(f"{'good great fine' if i % 2 else 'bad awful poor'} movie number {i},{i % 2},site{i % 3}")
+    csv = _write_csv(tmp_path / "mine.csv", "\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = [
+        "run",
+        SMOKE,
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        f"data.dataset='csv:{csv}'",
+        "--set",
+        "data.partition='natural'",
+        "--set",
+        "data.num_clients=3",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_clients"] == 3
+
+
+def test_compare_writes_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        SMOKE,
+        "--algorithms",
+        "local,fedit,ffa",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "run.rounds=1",
+    ]
+    assert main(args) == 0
+    table = (out / "comparison.md").read_text()
+    for name in ("local", "fedit", "ffa"):
+        assert f"| {name} |" in table
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["local"]["bytes_up_per_round"] == 0
+    assert data["fedit"]["seeds"] == [0, 1]
+    # ffa uploads B only: half of fedit's upload at equal shapes (A 4x32 and B 32x4).
+    assert data["ffa"]["bytes_up_per_round"] == data["fedit"]["bytes_up_per_round"] / 2
+    assert "local_s1" in capsys.readouterr().out
+
+
+def test_list_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    for name in ("fedit", "ffa", "local", "minilm-l6", "tiny-bert", "rotten_tomatoes", "dirichlet", "csv:"):
+        assert name in text
+    out = tmp_path / "run"
+    assert main(["run", SMOKE, "--out", str(out), "--set", "run.rounds=1", "--quiet"]) == 0
+    (out / "plots" / "learning_curves.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "plots" / "learning_curves.png").is_file()
+    assert main(["report", str(tmp_path)]) == 2
