@@ -177,7 +177,7 @@ def validate(config: Config) -> None:
         (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 < config.federation.fraction <= 1, f"federation.fraction = {config.federation.fraction}: must be in (0, 1]"),
         (config.federation.min_clients >= 1, "federation.min_clients must be >= 1"),
-        (config.eval.every >= 1, "eval.every must be >= 1"),
+        (config.eval.every >= 0, "eval.every must be >= 0 (0 = never evaluate)"),
     ]
     for ok, message in checks:
         if not ok:

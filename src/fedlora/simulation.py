@@ -204,7 +204,8 @@ class Simulation:
         start = time.perf_counter()
         clients = sample_clients(cfg, fed.client_ids, rnd)
         payloads = fed.algorithm.configure(rnd, clients)
-        evaluate = (rnd + 1) % cfg.eval.every == 0 or rnd + 1 == cfg.run.rounds
+        every = cfg.eval.every
+        evaluate = every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg.run.rounds)
         head_payload = fed.head.payload()
         updates: dict[int, Update] = {}
         head_uploads: dict[int, Tensors] = {}
