@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 import pytest
-from conftest import sockets_blocked
 
+from conftest import sockets_blocked
 from fedlora.data import DATASET_CATALOG, load_dataset
 from fedlora.models import MODEL_CATALOG, load_model
 
