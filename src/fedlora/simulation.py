@@ -229,7 +229,7 @@ class Simulation:
                 "split": "test",
                 "train_loss": train_loss,
                 "bytes_up": num_bytes(upload),
-                "bytes_down": num_bytes(payload.tensors) + (num_bytes(head_payload) if payload.upload else 0),
+                "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
                 "n_train": len(train_idx),
             }
             if evaluate:

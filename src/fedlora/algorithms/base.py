@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from fedlora.errors import FedLoraError
-from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
+from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec, num_bytes
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,11 +67,19 @@ class Payload:
     upload
         fnmatch patterns over keys: trained tensors that match go up, the rest stay
         private to the client. ``("*",)`` uploads everything trained; ``()`` nothing.
+    wire_bytes
+        Bytes actually sent, where the client rebuilds ``tensors`` from a smaller message
+        (e.g. a dense base update rebuilt from stacked low-rank factors); ``None`` means
+        the bytes of ``tensors``.
     """
 
     layout: Layout
     tensors: Tensors
     upload: tuple[str, ...] = ("*",)
+    wire_bytes: int | None = None
+
+    def download_bytes(self) -> int:
+        return num_bytes(self.tensors) if self.wire_bytes is None else self.wire_bytes
 
     def split(self, trained: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
         """Split trained tensors into (upload, private) by the ``upload`` patterns."""
