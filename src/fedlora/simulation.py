@@ -147,6 +147,65 @@ def build_federation(config: Config) -> Federation:
     return Federation(config, dataset, used, splits, loaded, lora_model, corpus, ctx, algorithm, head, runner)
 
 
+@dataclass
+class ClientOutcome:
+    """What one client's round produced: its update, new private state and metrics row."""
+
+    update: Update
+    head_upload: Tensors
+    private: Tensors
+    row: dict[str, Any]
+    result: EvalResult | None
+    trainable_params: int
+
+
+def client_round(
+    fed: Federation,
+    rnd: int,
+    cid: int,
+    payload: Payload,
+    private: Tensors,
+    head_payload: Tensors,
+    evaluate: bool,
+) -> ClientOutcome:
+    """One client's round on the shared model (used by every runtime).
+
+    Loads the payload over the client's private state, trains, splits what it trained
+    into upload and private state (adapters by the payload's upload patterns, the head by
+    the head policy), and evaluates on the client's test split if asked.
+    """
+    fed.runner.load(payload, private, head_payload)
+    train_idx = fed.splits[cid].train
+    train_loss = fed.runner.train(cid, rnd, train_idx, fed.algorithm.lr_multipliers)
+    trained = fed.runner.trained_state()
+    adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
+    head = {k: v for k, v in trained.items() if is_head_key(k)}
+    upload, new_private = payload.split(adapters)
+    head_upload = head if fed.head.policy == "federated" and payload.upload else {}
+    new_private.update({k: v for k, v in head.items() if k not in head_upload})
+    row: dict[str, Any] = {
+        "round": rnd,
+        "client": cid,
+        "split": "test",
+        "train_loss": train_loss,
+        "bytes_up": num_bytes(upload) + num_bytes(head_upload),
+        "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
+        "n_train": len(train_idx),
+    }
+    result = None
+    if evaluate:
+        result = fed.runner.evaluate(fed.splits[cid].test)
+        row.update(acc=result.acc, loss=result.loss, n=result.n)
+    return ClientOutcome(
+        update=Update(upload, len(train_idx), {"train_loss": train_loss}),
+        head_upload=head_upload,
+        private=new_private,
+        row=row,
+        result=result,
+        trainable_params=sum(t.numel() for t in trained.values()),
+    )
+
+
 class ClientStore:
     """Private client state kept across rounds (FedSA's B, FedTreeLoRA's lambda...)."""
 
@@ -212,31 +271,14 @@ class Simulation:
         client_rows: list[dict[str, Any]] = []
         results: dict[int, EvalResult] = {}
         for cid in clients:
-            payload = payloads[cid]
-            fed.runner.load(payload, self.store.get(cid), head_payload)
-            train_idx = fed.splits[cid].train
-            train_loss = fed.runner.train(cid, rnd, train_idx, fed.algorithm.lr_multipliers)
-            trained = fed.runner.trained_state()
-            self.trainable_params = max(self.trainable_params, sum(t.numel() for t in trained.values()))
-            upload, private = self._split(payload, trained)
-            self.store.put(cid, private)
-            adapters = {k: v for k, v in upload.items() if not is_head_key(k)}
-            head_uploads[cid] = {k: v for k, v in upload.items() if is_head_key(k)}
-            updates[cid] = Update(adapters, len(train_idx), {"train_loss": train_loss})
-            row: dict[str, Any] = {
-                "round": rnd,
-                "client": cid,
-                "split": "test",
-                "train_loss": train_loss,
-                "bytes_up": num_bytes(upload),
-                "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
-                "n_train": len(train_idx),
-            }
-            if evaluate:
-                result = fed.runner.evaluate(fed.splits[cid].test)
-                results[cid] = result
-                row.update(acc=result.acc, loss=result.loss, n=result.n)
-            client_rows.append(row)
+            outcome = client_round(fed, rnd, cid, payloads[cid], self.store.get(cid), head_payload, evaluate)
+            self.trainable_params = max(self.trainable_params, outcome.trainable_params)
+            self.store.put(cid, outcome.private)
+            updates[cid] = outcome.update
+            head_uploads[cid] = outcome.head_upload
+            client_rows.append(outcome.row)
+            if outcome.result is not None:
+                results[cid] = outcome.result
             if self.on_progress:
                 self.on_progress(rnd, cid)
         fed.algorithm.aggregate(rnd, updates)
@@ -253,17 +295,6 @@ class Simulation:
         if self.on_progress:
             self.on_progress(rnd, None)
         return aggregate
-
-    def _split(self, payload: Payload, trained: Tensors) -> tuple[Tensors, Tensors]:
-        """Adapters split by the algorithm's upload patterns; the head by the head policy."""
-        adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
-        head = {k: v for k, v in trained.items() if is_head_key(k)}
-        upload, private = payload.split(adapters)
-        if self.fed.head.policy == "federated" and payload.upload:
-            upload.update(head)
-        else:
-            private.update(head)
-        return upload, private
 
     def _evaluate_global(self) -> EvalResult | None:
         fed = self.fed
