@@ -265,27 +265,29 @@ class Simulation:
         payloads = fed.algorithm.configure(rnd, clients)
         every = cfg.eval.every
         evaluate = every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg.run.rounds)
-        head_payload = fed.head.payload()
+        outcomes = self.run_clients(rnd, payloads, fed.head.payload(), evaluate)
         updates: dict[int, Update] = {}
         head_uploads: dict[int, Tensors] = {}
         client_rows: list[dict[str, Any]] = []
         results: dict[int, EvalResult] = {}
-        for cid in clients:
-            outcome = client_round(fed, rnd, cid, payloads[cid], self.store.get(cid), head_payload, evaluate)
+        for cid in clients:  # the sampled order, whatever order the outcomes came in
+            if cid not in outcomes:
+                continue
+            outcome = outcomes[cid]
             self.trainable_params = max(self.trainable_params, outcome.trainable_params)
-            self.store.put(cid, outcome.private)
             updates[cid] = outcome.update
             head_uploads[cid] = outcome.head_upload
             client_rows.append(outcome.row)
             if outcome.result is not None:
                 results[cid] = outcome.result
-            if self.on_progress:
-                self.on_progress(rnd, cid)
         fed.algorithm.aggregate(rnd, updates)
         fed.head.aggregate(head_uploads, fed.algorithm.weights(list(head_uploads)))
         global_result = self._evaluate_global() if evaluate else None
         seconds = time.perf_counter() - start
         aggregate = round_aggregate(rnd, client_rows, results if evaluate else None, global_result, seconds)
+        dropped = [c for c in clients if c not in outcomes]
+        if dropped:  # sampled, but no outcome came back (a runtime whose clients can fail)
+            aggregate["dropped"] = dropped
         for row in client_rows:
             self.log.write(row)
         self.log.write(aggregate)
@@ -295,6 +297,23 @@ class Simulation:
         if self.on_progress:
             self.on_progress(rnd, None)
         return aggregate
+
+    def run_clients(
+        self, rnd: int, payloads: Mapping[int, Payload], head_payload: Tensors, evaluate: bool
+    ) -> dict[int, ClientOutcome]:
+        """Every sampled client's round, here in this process, one after the other.
+
+        Another runtime overrides this to run them elsewhere; a client missing from the
+        result (it failed or left) is left out of the round's aggregate.
+        """
+        outcomes: dict[int, ClientOutcome] = {}
+        for cid, payload in payloads.items():
+            outcome = client_round(self.fed, rnd, cid, payload, self.store.get(cid), head_payload, evaluate)
+            self.store.put(cid, outcome.private)
+            outcomes[cid] = outcome
+            if self.on_progress:
+                self.on_progress(rnd, cid)
+        return outcomes
 
     def _evaluate_global(self) -> EvalResult | None:
         fed = self.fed
