@@ -50,15 +50,25 @@ def test_records_are_exact_and_counted_without_framing() -> None:
     assert record_bytes(record) == (4 * 32 + 2) * 4
 
 
+ALGORITHMS = sorted(registry())
+
+
+@pytest.fixture(scope="module")
+def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every registered algorithm through Flower's simulation engine, on one start of it."""
+    root = tmp_path_factory.mktemp("flower")
+    runs = [(load_config(SMOKE, [*TINY, f"algorithm.name='{name}'"]), root / name) for name in ALGORITHMS]
+    simulate(runs, parallel=2)
+    return {name: root / name for name in ALGORITHMS}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", sorted(registry()))
-def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str) -> None:
-    overrides = [*TINY, f"algorithm.name='{algorithm}'"]
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, flower_runs: dict[str, Path]) -> None:
     sim_dir = tmp_path / "sim"
-    args = ["run", str(SMOKE), "--out", str(sim_dir), "--quiet"]
-    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
-    flower_dir = tmp_path / "flower"
-    simulate(load_config(SMOKE, overrides), flower_dir, parallel=2)
+    overrides = [a for o in [*TINY, f"algorithm.name='{algorithm}'"] for a in ("--set", o)]
+    assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
+    flower_dir = flower_runs[algorithm]
     assert_same_metrics(rows(sim_dir), rows(flower_dir))
     sim_summary = json.loads((sim_dir / "summary.json").read_text())
     flower_summary = json.loads((flower_dir / "summary.json").read_text())

@@ -10,6 +10,8 @@ partition, seed and model), once per process, and runs exactly the simulator's
 
 from __future__ import annotations
 
+import zlib
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,7 +20,9 @@ from fedlora.errors import FedLoraError
 from fedlora.flower.wire import QUERY_PARTITION, from_record, read_train, reply_content, to_record
 from fedlora.simulation import Federation, build_federation
 
-PRIVATE_STATE = "fedlora.private"
+def private_key(config_toml: str) -> str:
+    """Where a run's private state lives in ``context.state`` (one entry per run config)."""
+    return f"fedlora.private.{zlib.crc32(config_toml.encode()):08x}"
 
 #: The federation of this process, keyed by the config text it was built from.
 _FEDERATIONS: dict[str, Federation] = {}
@@ -65,8 +69,9 @@ def train(msg: Message, context: Context) -> Message:
     if work.client != me:
         raise FedLoraError(f"the server sent client {work.client}'s round to the node of client {me}")
     fed = federation_for(work.config_toml)
-    private = from_record(context.state[PRIVATE_STATE]) if PRIVATE_STATE in context.state else {}  # type: ignore[arg-type]
+    key = private_key(work.config_toml)
+    private = from_record(context.state[key]) if key in context.state else {}  # type: ignore[arg-type]
     outcome = client_round(fed, work.rnd, me, work.payload, private, work.head, work.evaluate)
     state: ArrayRecord = to_record(outcome.private)
-    context.state[PRIVATE_STATE] = state
+    context.state[key] = state
     return Message(reply_content(outcome), reply_to=msg)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,13 +175,18 @@ def run_flower(grid: Grid, config: Config, out_dir: Path, options: ServerOptions
     log.info("fedlora: %s finished in %.1f s; outputs in %s", summary["algorithm"], summary["wall_seconds"], out_dir)
 
 
-def make_server_app(config: Config, out_dir: Path, options: ServerOptions | None = None) -> ServerApp:
-    """A ServerApp bound to a config (for Flower's simulation engine driven from Python)."""
+def make_server_app(runs: Sequence[tuple[Config, Path]], options: ServerOptions | None = None) -> ServerApp:
+    """A ServerApp bound to configs, run one after the other on the same nodes.
+
+    For Flower's simulation engine driven from Python: several runs share one start of
+    the engine (the clients rebuild their federation when the config changes).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_flower(grid, config, out_dir, options or ServerOptions())
+        for config, out_dir in runs:
+            run_flower(grid, config, out_dir, options or ServerOptions())
 
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedlora.config import Config
@@ -11,8 +12,7 @@ from fedlora.flower.server import ServerOptions, make_server_app
 
 
 def simulate(
-    config: Config,
-    out_dir: Path,
+    runs: Sequence[tuple[Config, Path]],
     *,
     options: ServerOptions | None = None,
     cpus_per_client: float = 1.0,
@@ -22,10 +22,9 @@ def simulate(
 
     Parameters
     ----------
-    config
-        The run configuration (as for ``fedlora run``).
-    out_dir
-        Where the output contract is written.
+    runs
+        Run configurations (as for ``fedlora run``) and the directories their outputs go
+        to; they run one after the other on one start of the engine.
     options
         How the server waits for nodes and replies.
     cpus_per_client
@@ -37,15 +36,15 @@ def simulate(
 
     from fedlora.flower.client import app as client_app
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_simulation(
-        server_app=make_server_app(config, out_dir, options),
+        server_app=make_server_app(runs, options),
         client_app=client_app,
-        num_supernodes=config.data.num_clients,
+        num_supernodes=max(config.data.num_clients for config, _ in runs),
         backend_config={
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
             "init_args": {"num_cpus": parallel or os.cpu_count() or 1, "include_dashboard": False},
         },
     )
-    if not (out_dir / "summary.json").is_file():
-        raise FedLoraError(f"the Flower run did not finish (no {out_dir / 'summary.json'}); see Flower's log above")
+    for _, out_dir in runs:
+        if not (out_dir / "summary.json").is_file():
+            raise FedLoraError(f"the Flower run did not finish (no {out_dir / 'summary.json'}); see Flower's log above")
