@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fedlora.algorithms import registry  # noqa: E402
-from fedlora.cli import main  # noqa: E402
-from fedlora.config import load_config  # noqa: E402
-from fedlora.flower.simulate import simulate  # noqa: E402
-from fedlora.flower.wire import from_record, record_bytes, to_record  # noqa: E402
+from fedlora.algorithms import registry
+from fedlora.cli import main
+from fedlora.config import load_config
+from fedlora.flower.simulate import simulate
+from fedlora.flower.wire import from_record, record_bytes, to_record
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"

@@ -20,9 +20,11 @@ from fedlora.errors import FedLoraError
 from fedlora.flower.wire import QUERY_PARTITION, from_record, read_train, reply_content, to_record
 from fedlora.simulation import Federation, build_federation
 
+
 def private_key(config_toml: str) -> str:
     """Where a run's private state lives in ``context.state`` (one entry per run config)."""
     return f"fedlora.private.{zlib.crc32(config_toml.encode()):08x}"
+
 
 #: The federation of this process, keyed by the config text it was built from.
 _FEDERATIONS: dict[str, Federation] = {}
@@ -70,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         raise FedLoraError(f"the server sent client {work.client}'s round to the node of client {me}")
     fed = federation_for(work.config_toml)
     key = private_key(work.config_toml)
-    private = from_record(context.state[key]) if key in context.state else {}  # type: ignore[arg-type]
+    private = from_record(context.state.array_records[key]) if key in context.state.array_records else {}
     outcome = client_round(fed, work.rnd, me, work.payload, private, work.head, work.evaluate)
     state: ArrayRecord = to_record(outcome.private)
     context.state[key] = state

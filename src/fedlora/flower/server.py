@@ -28,7 +28,7 @@ from fedlora.algorithms import Payload
 from fedlora.algorithms.base import Tensors
 from fedlora.config import Config, load_config
 from fedlora.errors import FedLoraError
-from fedlora.flower.wire import QUERY_PARTITION, read_reply, record_bytes, train_content
+from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, record_bytes, train_content
 from fedlora.simulation import ClientOutcome, Simulation
 
 #: Flower's own logger, so that fedlora's lines appear among Flower's.
@@ -74,13 +74,11 @@ class FlowerRun(Simulation):
         new = [n for n in self.grid.get_node_ids() if n not in known]
         if not new:
             return
-        queries = [
-            Message(RecordDict({"q": ConfigRecord()}), dst_node_id=n, message_type=QUERY_PARTITION) for n in new
-        ]
+        queries = [Message(RecordDict({"q": ConfigRecord()}), dst_node_id=n, message_type=QUERY_PARTITION) for n in new]
         for reply in self._exchange(queries, timeout=30.0).values():
             if reply.has_error():
                 continue
-            cid = int(reply.content.config_records["partition"]["partition-id"])  # type: ignore[arg-type]
+            cid = as_int(reply.content.config_records["partition"]["partition-id"])
             node = reply.metadata.src_node_id
             if cid not in self.fed.client_ids:
                 log.warning("node %d serves partition %d, which this federation does not have; ignored", node, cid)
@@ -205,7 +203,7 @@ def main(grid: Grid, context: Context) -> None:
     config = load_config(Path(str(rc["config"])), overrides)
     out = Path(str(rc.get("out") or Path(config.run.out) / f"{config.run.name}_{config.algorithm_name}_flower"))
     options = ServerOptions(
-        round_timeout=float(rc.get("round-timeout", 0.0)),  # type: ignore[arg-type]
-        node_wait=float(rc.get("node-wait", 120.0)),  # type: ignore[arg-type]
+        round_timeout=as_float(rc.get("round-timeout", 0.0)),
+        node_wait=as_float(rc.get("node-wait", 120.0)),
     )
     run_flower(grid, config, out, options)

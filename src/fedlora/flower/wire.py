@@ -38,6 +38,20 @@ from fedlora.simulation import ClientOutcome
 QUERY_PARTITION = "query.fedlora_partition"
 
 
+def as_int(value: object) -> int:
+    """An integer field of a record (records type their values loosely)."""
+    if not isinstance(value, int):
+        raise TypeError(f"expected an integer in the message, got {value!r}")
+    return value
+
+
+def as_float(value: object) -> float:
+    """A number field of a record or run config."""
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
 def to_record(tensors: Tensors) -> ArrayRecord:
     """Tensors as an ArrayRecord (exact: the bytes of each CPU tensor)."""
     record = ArrayRecord()
@@ -96,8 +110,8 @@ def read_train(content: RecordDict) -> TrainInstruction:
     )
     return TrainInstruction(
         config_toml=str(meta["config"]),
-        rnd=int(meta["round"]),  # type: ignore[arg-type]
-        client=int(meta["client"]),  # type: ignore[arg-type]
+        rnd=as_int(meta["round"]),
+        client=as_int(meta["client"]),
         evaluate=bool(meta["evaluate"]),
         payload=payload,
         head=from_record(content.array_records["head"]),
@@ -134,10 +148,10 @@ def read_reply(content: RecordDict) -> ClientOutcome:
     row["bytes_up"] = record_bytes(update_record) + record_bytes(head_record)
     sums = json.loads(str(meta["eval"]))
     return ClientOutcome(
-        update=Update(from_record(update_record), int(meta["num_examples"]), json.loads(str(meta["metrics"]))),  # type: ignore[arg-type]
+        update=Update(from_record(update_record), as_int(meta["num_examples"]), json.loads(str(meta["metrics"]))),
         head_upload=from_record(head_record),
         private={},
         row=row,
         result=None if sums is None else EvalResult(int(sums[0]), float(sums[1]), int(sums[2])),
-        trainable_params=int(meta["trainable_params"]),  # type: ignore[arg-type]
+        trainable_params=as_int(meta["trainable_params"]),
     )
