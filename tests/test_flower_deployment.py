@@ -177,7 +177,8 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     )
     deadline = time.monotonic() + 600
     killed = False
-    while time.monotonic() < deadline and not (out / "summary.json").is_file():
+    finished = out / "plots" / "learning_curves.png"  # written last, after summary.json
+    while time.monotonic() < deadline and not finished.is_file():
         for name, proc in dep.procs.items():
             if name != "flwr-run" and (name != "supernode1" or not killed):
                 assert proc.poll() is None, f"{name} exited:\n{dep.log(name)[-3000:]}"
@@ -186,7 +187,7 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
             stop(dep.procs["supernode1"])
             killed = True
         time.sleep(0.5)
-    assert (out / "summary.json").is_file(), dep.log("flwr-run")[-5000:]
+    assert finished.is_file(), dep.log("flwr-run")[-5000:]
     assert killed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["num_clients"] == 2
@@ -197,7 +198,6 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     lora_bytes = 2 * 2 * 256 * 4  # tiny-bert: 2 layers x (query, value), rank 4, fp32
     assert aggregates[0]["bytes_up"] == 2 * lora_bytes and aggregates[1]["bytes_up"] == lora_bytes
     assert aggregates[1]["personalized_acc_mean"] is not None and aggregates[1]["global_acc"] is not None
-    assert (out / "plots" / "learning_curves.png").is_file()
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
