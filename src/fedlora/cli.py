@@ -137,9 +137,6 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markdown import Markdown
-
     from fedlora.algorithms import get_algorithm
     from fedlora.report import comparison_table
 
@@ -169,11 +166,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table, data = comparison_table(summaries)
     header = (
         f"# Comparison: {base.data.dataset}, {base.model.name}, {base.data.num_clients} clients, "
-        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in %, mean ± std over seeds.\n\n"
+        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several).\n\n"
     )
     (out / "comparison.md").write_text(header + table)
     (out / "comparison.json").write_text(json.dumps(data, indent=2))
-    Console().print(Markdown(table))
+    print(header + table)
     print("run directories:")
     for d in run_dirs:
         print(f"  {d}")
