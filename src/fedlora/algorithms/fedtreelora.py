@@ -179,9 +179,14 @@ def layer_distances(b_factors: Sequence[Sequence[torch.Tensor]], metric: str = "
 
 def build_tree(distance: np.ndarray, method: str = "average") -> np.ndarray:
     """Agglomerative tree (scipy linkage matrix, ``(N - 1) x 4``) of a client distance matrix."""
+    return np.asarray(scipy_linkage(squareform(_clean(distance), checks=False), method=method))
+
+
+def _clean(distance: np.ndarray) -> np.ndarray:
+    """Symmetric with a zero diagonal (guards against rounding in the inputs)."""
     symmetric = (distance + distance.T) / 2
     np.fill_diagonal(symmetric, 0.0)
-    return np.asarray(scipy_linkage(squareform(symmetric, checks=False), method=method))
+    return symmetric
 
 
 def tree_cuts(tree: np.ndarray, counts: Sequence[int]) -> dict[int, np.ndarray]:
@@ -205,7 +210,7 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
 def _score(distance: np.ndarray, labels: np.ndarray, tau: float) -> float:
     if len(set(labels.tolist())) == 1:
         return tau
-    return float(silhouette_score(distance, labels, metric="precomputed"))
+    return float(silhouette_score(_clean(distance), labels, metric="precomputed"))
 
 
 def choose_cluster_counts(
