@@ -184,7 +184,7 @@ def build_tree(distance: np.ndarray, method: str = "average") -> np.ndarray:
 
 def _clean(distance: np.ndarray) -> np.ndarray:
     """Symmetric with a zero diagonal (guards against rounding in the inputs)."""
-    symmetric = (distance + distance.T) / 2
+    symmetric: np.ndarray = (distance + distance.T) / 2
     np.fill_diagonal(symmetric, 0.0)
     return symmetric
 
