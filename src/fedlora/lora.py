@@ -446,7 +446,7 @@ class LoraModel:
     def lambdas(self) -> dict[str, float]:
         """The current lambda of every module that mixes two slots by a learnable scalar."""
         return {
-            mid.prefix(): float(m.lam())
+            mid.prefix(): float(m.lam().detach())
             for mid, m in self.modules.items()
             if m.layout.mixing == "lambda" and len(m.layout.slots) == 2
         }

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from fedlora.client import EvalResult
+from fedlora.lora import MIX_SLOT, parse_key
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -97,14 +99,38 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if r.get("client") is None]
 
 
+def client_lambdas(private: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """``sigmoid(theta)`` of every private mixing scalar, per client and module prefix."""
+    out: dict[str, dict[str, float]] = {}
+    for client, tensors in sorted(private.items()):
+        for key, value in tensors.items():
+            if key.endswith(f".{MIX_SLOT}.theta"):
+                module = parse_key(key).module_id.prefix()
+                out.setdefault(str(client), {})[module] = float(torch.sigmoid(value))
+    return out
+
+
 def summarize(
-    config: Config, fed: Federation, rows: Sequence[Mapping[str, Any]], wall_seconds: float, trainable_params: int
+    config: Config,
+    fed: Federation,
+    rows: Sequence[Mapping[str, Any]],
+    wall_seconds: float,
+    trainable_params: int,
+    private: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """``summary.json``: the run's identity, final and best rows, totals and structure."""
+    """``summary.json``: the run's identity, final and best rows, totals and structure.
+
+    ``private`` is the clients' private state; learnable mixing scalars found there go into
+    ``structure["lambdas"]`` (per client and module), since the server never sees them.
+    """
     agg = aggregate_rows(rows)
     evaluated = [r for r in agg if r["personalized_acc_mean"] is not None]
     best = max(evaluated, key=lambda r: r["personalized_acc_mean"]) if evaluated else None
     total_params = sum(p.numel() for p in fed.lora_model.model.parameters())
+    structure = fed.algorithm.structure()
+    lambdas = client_lambdas(private or {})
+    if lambdas:
+        structure = {**structure, "lambdas": lambdas}
     return {
         "algorithm": config.algorithm_name,
         "dataset": config.data.dataset,
@@ -120,5 +146,5 @@ def summarize(
         "trainable_params": trainable_params,
         "trainable_percent": 100.0 * trainable_params / total_params if total_params else None,
         "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
-        "structure": fed.algorithm.structure(),
+        "structure": structure,
     }

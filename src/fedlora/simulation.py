@@ -218,6 +218,10 @@ class ClientStore:
     def put(self, client: int, tensors: Tensors) -> None:
         self._state[client] = tensors
 
+    def states(self) -> dict[int, Tensors]:
+        """Every client's private state."""
+        return dict(self._state)
+
     def flat(self) -> Tensors:
         return {f"{c}/{k}": v for c, t in self._state.items() for k, v in t.items()}
 
@@ -348,6 +352,8 @@ class Simulation:
         """Run the remaining rounds and write ``summary.json``; return the summary."""
         for rnd in range(self.next_round, self.config.run.rounds):
             self.run_round(rnd)
-        summary = summarize(self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params)
+        summary = summarize(
+            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.states()
+        )
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

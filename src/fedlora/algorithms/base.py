@@ -120,8 +120,9 @@ class Algorithm(ABC):
     description: ClassVar[str]
     paper: ClassVar[str] = ""
     options_class: ClassVar[type[Options]] = Options
-    #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern.
-    lr_multipliers: ClassVar[Mapping[str, float]] = {}
+    #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern (a
+    #: subclass may set it per instance, from its options).
+    lr_multipliers: Mapping[str, float] = {}
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         self.ctx = ctx
