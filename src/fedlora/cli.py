@@ -136,30 +136,49 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory: {run_dir}")
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value:key=value`` (values read as TOML) -> (name, options)."""
+    import tomllib
+
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise FedLoraError(f"--algorithms entry {spec!r}: expected name:key=value, e.g. fedtreelora:fixed_k=4")
+        key, text = pair.split("=", 1)
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = text
+    return name.strip(), options
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.algorithms import get_algorithm
+    from fedlora.algorithms import get_algorithm, parse_options
+    from fedlora.config import load_config
     from fedlora.report import comparison_table
 
     base = _load(args)
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    specs = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
-    for name in algorithms:
-        get_algorithm(name)
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, options = parse_variant(spec)
+        algorithm = (
+            {**base.algorithm, **options, "name": name} if name == base.algorithm_name else {**options, "name": name}
+        )
+        parse_options(get_algorithm(name), {k: v for k, v in algorithm.items() if k != "name"})
+        variants[spec] = algorithm
     out = Path(args.out) if args.out else Path(base.run.out) / f"{base.run.name}_compare"
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, list[dict[str, Any]]] = {}
     run_dirs: list[Path] = []
-    from fedlora.config import load_config
-
-    for name in algorithms:
+    for spec, algorithm in variants.items():
         for seed in seeds:
-            config = load_config(
-                Path(args.config) if args.config else None, [*args.set, f"algorithm.name={name!r}", f"run.seed={seed}"]
-            )
-            if name != base.algorithm_name:
-                config.algorithm = {"name": name}
-            run_dir = out / f"{name}_s{seed}"
-            summaries.setdefault(name, []).append(
+            config = load_config(Path(args.config) if args.config else None, [*args.set, f"run.seed={seed}"])
+            config.algorithm = dict(algorithm)
+            run_dir = out / f"{spec.replace(':', '_').replace('=', '-')}_s{seed}"
+            summaries.setdefault(spec, []).append(
                 run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
             )
             run_dirs.append(run_dir)
@@ -235,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_cmp = sub.add_parser("compare", help="run several algorithms (and seeds) and tabulate them")
     config_args(p_cmp, required=True)
-    p_cmp.add_argument("--algorithms", required=True, help="comma-separated algorithm names")
+    p_cmp.add_argument(
+        "--algorithms",
+        required=True,
+        help="comma-separated algorithms, each optionally with options: fedit,fedtreelora:fixed_k=4:tau=0.3",
+    )
     p_cmp.add_argument("--seeds", help="comma-separated seeds (default: run.seed)")
     p_cmp.set_defaults(func=cmd_compare)
 
