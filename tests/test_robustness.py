@@ -298,3 +298,21 @@ def test_same_config_and_seed_give_identical_summary(tmp_path: Path, algorithm: 
         assert main(["run", SMOKE, "--out", str(out), "--quiet", "--set", f"algorithm.name='{algorithm}'"]) == 0
     assert _summary(runs[0]) == _summary(runs[1])
     assert _rows(runs[0]) == _rows(runs[1])
+
+
+# --- scale ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "num_clients"), [(10, 3), (103, 10), (50, 50)])
+def test_iid_partition_equals_flwr_datasets_iid_partitioner(n: int, num_clients: int) -> None:
+    import numpy as np
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedlora.data import TextDataset, partition
+    from fedlora.data.partition import _run_partitioner
+
+    ds = TextDataset(name="t", texts=[str(i) for i in range(n)], labels=np.arange(n) % 2, label_names=["0", "1"])
+    ours = partition(ds, method="iid", num_clients=num_clients, seed=3)
+    perm = np.random.default_rng(3).permutation(n).astype(np.int64)
+    flwr = _run_partitioner(IidPartitioner(num_partitions=num_clients), {"idx": perm}, num_clients)
+    assert len(ours) == len(flwr) == num_clients
+    for a, b in zip(ours, flwr, strict=True):
+        np.testing.assert_array_equal(a, b)
