@@ -28,7 +28,7 @@ def export_adapter(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
         raise FedLoraError(f"{run_dir} has no config.toml: is it a fedlora run directory?")
     config = load_config(config_file)
     sim = Simulation(config, run_dir)
-    sim.resume()
+    sim.restore()
     fed = sim.fed
     if client is None:
         payload = fed.algorithm.global_payload()
