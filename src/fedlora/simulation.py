@@ -233,9 +233,10 @@ class Simulation:
                 "n_train": len(train_idx),
             }
             if evaluate:
-                result = fed.runner.evaluate(fed.splits[cid].test)
+                result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
                 results[cid] = result
-                row.update(acc=result.acc, loss=result.loss, n=result.n)
+                row.update(acc=result.acc, loss=result.loss, n=result.n, **result.slot_weight_means())
+                updates[cid].metrics.update(result.slot_weight_means())
             client_rows.append(row)
             if self.on_progress:
                 self.on_progress(rnd, cid)
