@@ -215,8 +215,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.export import export_adapter
 
-    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=Path(args.out))
-    print(f"wrote peft adapter to {out}")
+    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=Path(args.out), merged=args.merged)
+    print(f"wrote {'merged transformers model' if args.merged else 'peft adapter'} to {out}")
     return 0
 
 
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
     p_exp.add_argument("--out", required=True, help="adapter directory to write")
+    p_exp.add_argument(
+        "--merged", action="store_true", help="write a plain transformers model with the adapters merged in"
+    )
     p_exp.set_defaults(func=cmd_export)
     return parser
 
