@@ -162,7 +162,12 @@ def plot_sweep(sweep_table: dict[str, dict[str, dict[str, dict[str, float]]]], i
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for dataset, methods in results.get("vertical", {}).items():
-        lines += [f"### Vertical heterogeneity: {dataset}", "", "| method | final acc (%) | best acc (%) |", "|---|---|---|"]
+        lines += [
+            f"### Vertical heterogeneity: {dataset}",
+            "",
+            "| method | final acc (%) | best acc (%) |",
+            "|---|---|---|",
+        ]
         for label, acc in methods.items():
             lines.append(
                 f"| {label} | {acc['final_mean']:.2f} ± {acc['final_std']:.2f} "

@@ -97,7 +97,10 @@ def test_fedex_residual_makes_the_average_exact_on_a_non_square_module() -> None
     assert_close(sent["layers.0.query.lora.A"], torch.tensor([[0.25, 0.25, 0.5]]))
     assert_close(sent["layers.0.query.lora.B"], torch.tensor([[0.75], [0.75]]))
     mean_product = torch.tensor([[0.25, 0.0, 0.5], [0.0, 0.25, 0.5]])
-    assert_close(sent["layers.0.query.base.dW"] + 2 * sent["layers.0.query.lora.B"] @ sent["layers.0.query.lora.A"], 2 * mean_product)
+    assert_close(
+        sent["layers.0.query.base.dW"] + 2 * sent["layers.0.query.lora.B"] @ sent["layers.0.query.lora.A"],
+        2 * mean_product,
+    )
 
 
 def test_fedex_bytes_count_one_dense_residual_per_pending_update() -> None:
@@ -196,7 +199,10 @@ def test_instance_weights_replace_slot_weights_per_example() -> None:
 
 # --- fedalt -----------------------------------------------------------------------------
 def _router(value: float) -> dict[str, torch.Tensor]:
-    return {"layers.0.query.router.weight": torch.full((2, 3), value), "layers.0.query.router.bias": torch.full((2,), value)}
+    return {
+        "layers.0.query.router.weight": torch.full((2, 3), value),
+        "layers.0.query.router.bias": torch.full((2,), value),
+    }
 
 
 def test_fedalt_rest_of_world_and_router_average() -> None:
@@ -230,7 +236,12 @@ def test_fedalt_rest_of_world_and_router_average() -> None:
 # --- fedlease ---------------------------------------------------------------------------
 # Four clients, n = 1, 3, 1, 1. B of clients 0, 1 point along the first output, 2, 3 along the second.
 N4 = {0: 1, 1: 3, 2: 1, 3: 1}
-B4 = [torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0], [0.1]]), torch.tensor([[0.0], [1.0]]), torch.tensor([[0.1], [3.0]])]
+B4 = [
+    torch.tensor([[1.0], [0.0]]),
+    torch.tensor([[2.0], [0.1]]),
+    torch.tensor([[0.0], [1.0]]),
+    torch.tensor([[0.1], [3.0]]),
+]
 A4 = [A3[0], A3[1], A3[2], A3[0]]
 
 
@@ -261,7 +272,9 @@ def test_fedlease_clusters_on_b_and_averages_within_clusters() -> None:
     assert payloads[0].download_bytes() == 2 * (A_BYTES + B_BYTES) + router_bytes
     # Round 2: clients 0 and 1 update expert 0 and router 0 (weights 1/4, 3/4); expert 1 is untouched.
     updates = {
-        c: Update({**lora("expert0", torch.full((1, 3), float(c)), torch.full((2, 1), 4.0 * c)), **_router(float(c))}, N4[c])
+        c: Update(
+            {**lora("expert0", torch.full((1, 3), float(c)), torch.full((2, 1), 4.0 * c)), **_router(float(c))}, N4[c]
+        )
         for c in (0, 1)
     }
     algo.aggregate(2, updates)
@@ -275,7 +288,9 @@ def test_fedlease_clusters_on_b_and_averages_within_clusters() -> None:
 def test_fedlease_distance_and_small_federations() -> None:
     dist = b_cosine_distances([lora("lora", A3[0], b) for b in (B4[0], B4[2], torch.zeros(2, 1))])
     # cos([1,0],[0,1]) = 0 -> distance 1; a zero B is at distance 1 from everything.
-    assert_close(torch.from_numpy(dist), torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64))
+    assert_close(
+        torch.from_numpy(dist), torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    )
     assert cluster_by_silhouette(dist[:2, :2], 4) == ([0, 0], {})
     with pytest.raises(FedLoraError, match="at least 1 round"):
         build("fedlease", make_ctx(N4), warmup=0)

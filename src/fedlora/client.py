@@ -164,7 +164,9 @@ class ClientRunner:
     @torch.inference_mode()
     def pooled_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Each input's token embeddings (frozen embedding layer) averaged over its attention mask."""
-        embeddings = self.lora_model.model.get_input_embeddings()(batch["input_ids"])
+        # Every transformers model has get_input_embeddings(); nn.Module's typing does not know it.
+        embedding_layer = getattr(self.lora_model.model, "get_input_embeddings")()  # noqa: B009
+        embeddings: torch.Tensor = embedding_layer(batch["input_ids"])
         mask = batch["attention_mask"].unsqueeze(-1).to(embeddings.dtype)
         pooled: torch.Tensor = (embeddings * mask).sum(1) / mask.sum(1).clamp(min=1)
         return pooled

@@ -95,7 +95,9 @@ class FedAlt(Algorithm):
             return
         for c, u in updates.items():
             self.local_lora[c] = {k: v for k, v in u.tensors.items() if parse_key(k).slot == LOCAL}
-        routers = {c: {k: v for k, v in u.tensors.items() if parse_key(k).slot == ROUTER_SLOT} for c, u in updates.items()}
+        routers = {
+            c: {k: v for k, v in u.tensors.items() if parse_key(k).slot == ROUTER_SLOT} for c, u in updates.items()
+        }
         self.router = weighted_mean(routers, self.weights(list(updates), self.options.weighting))
 
     def structure(self) -> dict[str, Any]:
