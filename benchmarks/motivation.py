@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import load_config
-from fedlora.simulation import Simulation
-
-ROOT = Path(__file__).parent.parent
+from common import ROOT, accuracies, run_config
 
 
 def base_overrides(args: argparse.Namespace, dataset: str, seed: int, alpha: float) -> list[str]:
@@ -59,36 +55,7 @@ def base_overrides(args: argparse.Namespace, dataset: str, seed: int, alpha: flo
     ]
 
 
-def run(args: argparse.Namespace, name: str, algorithm: list[str], overrides: list[str]) -> dict[str, Any]:
-    """Run one configuration into ``--out/name`` (or read its existing summary)."""
-    out = Path(args.out) / name
-    summary_file = out / "summary.json"
-    if summary_file.is_file():
-        summary: dict[str, Any] = json.loads(summary_file.read_text())
-        return summary
-    config = load_config(ROOT / "configs" / "default.toml", [*overrides, *algorithm])
-    config.run.name = name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config.to_toml())
-    summary = Simulation(config, out).run()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    acc = summary["final"]["personalized_acc_mean"]
-    print(f"{name}: final personalized accuracy {acc:.4f} ({summary['wall_seconds']:.0f} s)", flush=True)
-    return summary
-
-
-def accuracies(summaries: list[dict[str, Any]]) -> dict[str, float]:
-    final = [100 * s["final"]["personalized_acc_mean"] for s in summaries]
-    best = [100 * s["best"]["row"]["personalized_acc_mean"] for s in summaries]
-    return {
-        "final_mean": statistics.mean(final),
-        "final_std": statistics.pstdev(final),
-        "best_mean": statistics.mean(best),
-        "best_std": statistics.pstdev(best),
-    }
-
-
-def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     k = args.k
     methods = {
         "local": ["algorithm.name='local'"],
@@ -96,16 +63,15 @@ def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]
         f"sharedepth deep:{k}": ["algorithm.name='sharedepth'", f"algorithm.share='deep:{k}'"],
         "fedit": ["algorithm.name='fedit'"],
     }
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
     for dataset in args.datasets:
         for label, algorithm in methods.items():
             tag = label.replace(" ", "_").replace(":", "")
             summaries = [
-                run(
-                    args,
+                run_config(
+                    Path(args.out),
                     f"vertical_{dataset}_{tag}_s{seed}",
-                    algorithm,
-                    base_overrides(args, dataset, seed, args.vertical_alpha),
+                    [*base_overrides(args, dataset, seed, args.vertical_alpha), *algorithm],
                 )
                 for seed in args.seeds
             ]
@@ -113,18 +79,17 @@ def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]
     return table
 
 
-def sweep(args: argparse.Namespace) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+def sweep(args: argparse.Namespace) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for dataset in args.datasets:
         for alpha in args.alphas:
             for depth in args.depths:
                 algorithm = ["algorithm.name='sharedepth'", f"algorithm.share='shallow:{depth}'"]
                 summaries = [
-                    run(
-                        args,
+                    run_config(
+                        Path(args.out),
                         f"sweep_{dataset}_a{alpha:g}_d{depth}_s{seed}",
-                        algorithm,
-                        base_overrides(args, dataset, seed, alpha),
+                        [*base_overrides(args, dataset, seed, alpha), *algorithm],
                     )
                     for seed in args.seeds
                 ]
@@ -132,7 +97,7 @@ def sweep(args: argparse.Namespace) -> dict[str, dict[str, dict[str, dict[str, f
     return table
 
 
-def plot_sweep(sweep_table: dict[str, dict[str, dict[str, dict[str, float]]]], img_dir: Path, stem: str) -> list[Path]:
+def plot_sweep(sweep_table: dict[str, dict[str, dict[str, dict[str, Any]]]], img_dir: Path, stem: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
