@@ -1,6 +1,6 @@
 """fedalt: FedALT, a private local LoRA beside a frozen rest-of-world LoRA, mixed by a router.
 
-Paper: Bian et al., "FedALT: Federated Fine-Tuning through Adaptive Local Training with
+Paper: "FedALT: Federated Fine-Tuning through Adaptive Local Training with
 Rest-of-the-World LoRA" (arXiv 2503.11880, AAAI 2026). On each adapted module a client
 holds its own *local* LoRA (trained; it keeps it across rounds) and a *rest-of-world*
 (RoW) LoRA, the factor-wise mean of the other clients' local LoRAs (frozen). A token

@@ -1,6 +1,6 @@
 """fedlease: FedLEASE, clustered LoRA experts mixed by a router.
 
-Paper: Wang et al., "FedLEASE: Adaptive LoRA Experts Allocation and Selection in
+Paper: "FedLEASE: Adaptive LoRA Experts Allocation and Selection in
 Federated Fine-Tuning" (arXiv 2509.15087, NeurIPS 2025).
 
 1. Warmup: for ``warmup`` rounds every client trains its own LoRA locally (no

@@ -1,6 +1,6 @@
 """sharedepth: FedAvg on a chosen set of layers, the rest private (the FedTreeLoRA motivation experiment).
 
-Paper: "FedTreeLoRA: ..." (arXiv 2603.13282), Section 3 (motivation). Clients train one
+Paper: the motivation experiment of FedTreeLoRA (arXiv 2603.13282, ICML 2026). Clients train one
 LoRA on every adapted module; the LoRA of the layers in the shared set is averaged
 factor-wise over the round's participants as in FedIT (``A <- mean_w(A_k)``,
 ``B <- mean_w(B_k)``); the LoRA of every other layer never leaves the client. Sharing only
