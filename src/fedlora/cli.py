@@ -266,8 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             shutil.rmtree(out_dir)
         else:
             out_dir.unlink()
-    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=out_dir)
-    print(f"wrote peft adapter to {out}")
+    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=out_dir, merged=args.merged)
+    print(f"wrote {'merged transformers model' if args.merged else 'peft adapter'} to {out}")
     return 0
 
 
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
     p_exp.add_argument("--out", required=True, help="adapter directory to write")
     p_exp.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
+    p_exp.add_argument(
+        "--merged", action="store_true", help="write a plain transformers model with the adapters merged in"
+    )
     p_exp.set_defaults(func=cmd_export)
     return parser
 

@@ -5,7 +5,8 @@ A wrapped linear (:class:`LoRALinear`) holds the frozen base weight and an order
 scaling ``s = alpha / r``. How the slots combine is the module's **mixing rule**:
 
 ``sum``
-    ``h = W x + sum_i w_i s_i B_i A_i x`` with fixed weights ``w_i`` (default 1).
+    ``h = W x + sum_i w_i s_i B_i A_i x`` with fixed weights ``w_i`` (default 1), or with
+    per-example weights set for evaluation by :meth:`LoraModel.set_instance_weights`.
 ``lambda``
     Two slots (first and second): ``h = W x + lam s_1 B_1 A_1 x + (1 - lam) s_2 B_2 A_2 x``
     with ``lam = sigmoid(theta)``, one learnable scalar per module (FedTreeLoRA). With a
@@ -244,6 +245,8 @@ class LoRALinear(nn.Module):
         self.router = nn.Linear(self.in_features, 1)
         self.layout = ModuleLayout(slots=())
         self._folded = False
+        #: Per-example weights (batch,) replacing the fixed weights of named ``sum`` slots.
+        self.instance_weights: Mapping[str, torch.Tensor] | None = None
 
     def set_layout(self, layout: ModuleLayout) -> None:
         """Allocate (or resize) the slot parameters for ``layout``."""
@@ -292,8 +295,13 @@ class LoRALinear(nn.Module):
         if not slots:
             return out
         if layout.mixing == "sum":
+            per_example = self.instance_weights or {}
             for spec in slots:
-                out = out + self._slot_out(x, spec) * spec.weight
+                if spec.name in per_example:
+                    weight = per_example[spec.name].view(-1, *([1] * (x.dim() - 1)))
+                    out = out + self._slot_out(x, spec) * weight
+                else:
+                    out = out + self._slot_out(x, spec) * spec.weight
         elif layout.mixing == "lambda":
             if len(slots) == 1:
                 return out + self._slot_out(x, slots[0])
@@ -432,6 +440,11 @@ class LoraModel:
 
     def all_keys(self) -> list[str]:
         return list(self._params)
+
+    def set_instance_weights(self, weights: Mapping[str, torch.Tensor] | None) -> None:
+        """Weight the named slots of ``sum``-mixed modules per example (``(batch,)`` tensors); None resets."""
+        for module in self.modules.values():
+            module.instance_weights = weights
 
     def set_head_trainable(self, trainable: bool) -> None:
         if self.head is not None:

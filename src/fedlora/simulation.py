@@ -201,11 +201,13 @@ def client_round(
         "n_train": len(train_idx),
     }
     result = None
+    metrics: dict[str, float] = {"train_loss": train_loss}
     if evaluate:
-        result = fed.runner.evaluate(fed.splits[cid].test)
-        row.update(acc=result.acc, loss=result.loss, n=result.n)
+        result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
+        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.slot_weight_means())
+        metrics.update(result.slot_weight_means())
     return ClientOutcome(
-        update=Update(upload, len(train_idx), {"train_loss": train_loss}),
+        update=Update(upload, len(train_idx), metrics),
         head_upload=head_upload,
         private=new_private,
         row=row,
