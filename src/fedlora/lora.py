@@ -372,7 +372,13 @@ class LoraModel:
         self._layout: Layout | None = None
         self._params: dict[str, torch.Tensor] = {}
 
+    def base_param_count(self) -> int:
+        """Parameters of the pretrained model, adapters excluded (independent of any layout)."""
+        adapter = {id(p) for m in self.modules.values() for n, p in m.named_parameters() if not n.startswith("base.")}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in adapter)
+
     # --- layout -----------------------------------------------------------------------
+
     def apply_layout(self, layout: Layout) -> None:
         """Give every module its slots; modules absent from ``layout`` get none."""
         if layout is self._layout:

@@ -181,7 +181,7 @@ def summarize(
     agg = aggregate_rows(rows)
     evaluated = [r for r in agg if r["personalized_acc_mean"] is not None]
     best = max(evaluated, key=lambda r: r["personalized_acc_mean"]) if evaluated else None
-    total_params = sum(p.numel() for p in fed.lora_model.model.parameters())
+    total_params = fed.lora_model.base_param_count() + trainable_params
     structure = fed.algorithm.structure()
     lambdas = client_lambdas(private)
     if lambdas:
