@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch.testing import assert_close
 from fedlora.algorithms import Update, get_algorithm, parse_options
 from fedlora.algorithms.fedhl import fedhl_weights
 from fedlora.algorithms.lowrank import delta_key, stacked_product, top_svd
+from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.lora import ModuleId, init_factors
@@ -322,3 +325,49 @@ def test_dense_methods_export_a_folded_global_model() -> None:
         payload = build(name, ctx).global_payload()
         assert list(payload.tensors) == [delta_key(MID)]
         assert payload.layout.modules[MID].folded and not payload.layout.modules[MID].slots
+
+
+# --- end to end through the CLI -----------------------------------------------------------
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+MIXED = ["--set", "model.ranks=[2,4,8]", "--set", "federation.fraction=0.5", "--quiet"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds", None)
+    return rows
+
+
+@pytest.mark.parametrize("algorithm", ["zeropad", "hetlora", "flexlora", "flora", "fedhl"])
+def test_cli_mixed_ranks_partial_participation(tmp_path: Path, algorithm: str) -> None:
+    out = tmp_path / "run"
+    args = ["run", SMOKE, "--out", str(out), "--set", f"algorithm.name='{algorithm}'", "--set", "run.rounds=3"]
+    assert main([*args, *MIXED]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["structure"]["ranks"] == {"0": 2, "1": 4, "2": 8, "3": 2}
+    assert summary["final"]["global_acc"] is not None
+    clients = [r for r in _rows(out) if r["client"] is not None]
+    assert len(clients) == 3 * 2  # 2 of 4 clients per round
+    for row in clients:
+        # tiny-bert: 2 layers x (query, value), 32 x 32: a rank-r LoRA is 4 x r x 64 fp32 values.
+        assert row["bytes_up"] == 1024 * summary["ranks"][str(row["client"])]
+        if algorithm != "flora":
+            assert row["bytes_down"] == row["bytes_up"]
+    if algorithm == "fedhl":
+        assert set(summary["structure"]["weights"]) == {"0", "1", "2"}
+        for rnd, weights in summary["structure"]["weights"].items():
+            assert sum(weights.values()) == pytest.approx(1.0)
+            assert set(weights) == set(summary["structure"]["truncation_errors"][rnd])
+
+
+def test_cli_fedhl_resume_is_identical(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    resumed = tmp_path / "resumed"
+    fedhl = ["--set", "algorithm.name='fedhl'", *MIXED]
+    assert main(["run", SMOKE, "--out", str(straight), "--set", "run.rounds=4", *fedhl]) == 0
+    assert main(["run", SMOKE, "--out", str(resumed), "--set", "run.rounds=2", *fedhl]) == 0
+    assert main(["run", "--resume", str(resumed), "--set", "run.rounds=4", "--quiet"]) == 0
+    assert _rows(straight) == _rows(resumed)
+    first = json.loads((straight / "summary.json").read_text())["structure"]
+    assert json.loads((resumed / "summary.json").read_text())["structure"] == first
