@@ -88,6 +88,7 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
         f"run.seed={seed}",
         f"train.local_steps={args.steps}",
         f"train.lr={args.lr}",
+        f"train.batch_size={args.batch_size}",
         f"eval.every={args.eval_every}",
     ]
     overrides += method_overrides(method, args.ranks, setting, args.steps)
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=8, help="local steps per round")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-train", type=int, default=200, help="training examples per client")
     parser.add_argument("--max-test", type=int, default=100, help="test examples per client")
     parser.add_argument("--max-length", type=int, default=64)
