@@ -129,7 +129,7 @@ class FedHl(DenseUpdateAlgorithm):
     def truncation_errors(self, rnd: int, clients: Sequence[int]) -> dict[int, float]:
         """``e_k = sum_m (||dW_m||_F^2 - sum_{j <= r_k} sigma_j^2)`` for each client."""
         svds = self._svds(rnd)
-        energy = {mid: float((dw.double() ** 2).sum()) for mid, dw in self.delta.items()}
+        energy = {mid: float(torch.linalg.vector_norm(dw)) ** 2 for mid, dw in self.delta.items()}
         return {
             c: sum(truncation_error(svds[mid], energy[mid], self.ctx.ranks[c]) for mid in self.delta) for c in clients
         }

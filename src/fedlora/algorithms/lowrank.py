@@ -24,9 +24,9 @@ SvdMethod = Literal["auto", "full", "lowrank"]
 
 #: Modules with both sides at most this use ``torch.linalg.svd``; larger ones ``torch.svd_lowrank``.
 FULL_SVD_MAX_SIDE = 1024
-#: Extra random directions of the randomized SVD, and its power iterations.
+#: Extra random directions of the randomized SVD, and its power iterations (torch.svd_lowrank's default).
 LOWRANK_OVERSAMPLE = 10
-LOWRANK_POWER_ITERATIONS = 4
+LOWRANK_POWER_ITERATIONS = 2
 #: A singular value at most this fraction of the largest counts as zero (its direction is noise).
 ZERO_SINGULAR_RTOL = 1e-6
 
@@ -45,8 +45,8 @@ def top_svd(matrix: torch.Tensor, k: int, *, method: SvdMethod = "auto", seed: i
 
     ``method="auto"`` takes the exact ``torch.linalg.svd`` when both sides are at most
     :data:`FULL_SVD_MAX_SIDE` (or ``k`` is close to the smaller side) and the randomized
-    ``torch.svd_lowrank`` otherwise, seeded so that the result is deterministic without
-    touching the global RNG.
+    ``torch.svd_lowrank`` otherwise, seeded so that the result is deterministic
+    without touching the global RNG.
     """
     d_out, d_in = matrix.shape
     k = min(k, d_out, d_in)
@@ -155,14 +155,18 @@ class DenseUpdateAlgorithm(Algorithm):
 
     def truncation_payloads(self, svds: Mapping[ModuleId, TopSvd], clients: Sequence[int]) -> dict[int, Payload]:
         """Client ``k`` gets its rank-``r_k`` truncation of ``dW`` as LoRA factors."""
+        # Nested init: the rank-r init is the first r rows of the rank-r_max one.
+        init_a = {
+            mid: init_factors(mid, "lora", self.r_max, d_in, d_out, self.ctx.seed)[0]
+            for mid, (d_out, d_in) in self.ctx.module_shapes.items()
+        }
         payloads: dict[int, Payload] = {}
         for c in clients:
             rank = self.ctx.ranks[c]
             tensors: Tensors = {}
             for mid, svd in svds.items():
-                d_out, d_in = self.ctx.module_shapes[mid]
-                init_a, _ = init_factors(mid, "lora", rank, d_in, d_out, self.ctx.seed)
-                a, b = truncation_factors(svd, rank, self.scaling(c), init_a, d_out)
+                d_out = self.ctx.module_shapes[mid][0]
+                a, b = truncation_factors(svd, rank, self.scaling(c), init_a[mid][:rank], d_out)
                 key_a, key_b = lora_keys(mid)
                 tensors[key_a], tensors[key_b] = a, b
             payloads[c] = Payload(self.rank_layout(rank), tensors)
