@@ -371,3 +371,4 @@ def test_cli_fedhl_resume_is_identical(tmp_path: Path) -> None:
     assert _rows(straight) == _rows(resumed)
     first = json.loads((straight / "summary.json").read_text())["structure"]
     assert json.loads((resumed / "summary.json").read_text())["structure"] == first
+    assert (straight / "plots" / "fedhl_weights.png").stat().st_size > 1000
