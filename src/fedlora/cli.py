@@ -256,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedlora.export import export_adapter
+    from fedlora.export import export_adapter, export_merged
 
     out_dir = Path(args.out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -266,8 +266,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             shutil.rmtree(out_dir)
         else:
             out_dir.unlink()
-    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=out_dir, merged=args.merged)
-    print(f"wrote {'merged transformers model' if args.merged else 'peft adapter'} to {out}")
+    if args.merged:
+        out = export_merged(Path(args.run_dir), client=args.client, out_dir=out_dir)
+        print(f"wrote merged transformers model to {out}")
+        return 0
+    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=out_dir, rank=args.rank)
+    print(f"wrote peft adapter to {out}")
     return 0
 
 
@@ -309,14 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("run_dir")
     p_rep.set_defaults(func=cmd_report)
 
-    p_exp = sub.add_parser("export", help="export a client's (or the global) adapter in peft format")
+    p_exp = sub.add_parser("export", help="export a client's (or the global) model: peft adapter or merged weights")
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
-    p_exp.add_argument("--out", required=True, help="adapter directory to write")
-    p_exp.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
-    p_exp.add_argument(
-        "--merged", action="store_true", help="write a plain transformers model with the adapters merged in"
-    )
+    p_exp.add_argument("--out", required=True, help="adapter (or model) directory to write")
+    p_exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    form = p_exp.add_mutually_exclusive_group()
+    form.add_argument("--merged", action="store_true", help="write the merged model (transformers save_pretrained)")
+    form.add_argument("--rank", type=int, default=None, help="write a peft LoRA of this rank (truncated SVD)")
     p_exp.set_defaults(func=cmd_export)
     return parser
 
