@@ -33,7 +33,7 @@ from fedlora.models import LoadedModel, load_model
 
 
 def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
-    """Restore the run (read only) and load the requested model into its LoRA model; return (loaded, lora model, algorithm)."""
+    """Restore the run (read only), load the requested model; return (loaded, lora model, algorithm)."""
     from fedlora.simulation import Simulation
 
     config_file = run_dir / "config.toml"
