@@ -193,8 +193,10 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     assert summary["rounds"] == 2 and summary["num_clients"] == 2
     aggregates = [r for r in rows(out / "metrics.jsonl") if r["client"] is None]
     assert [r["round"] for r in aggregates] == [0, 1]
-    assert aggregates[0]["clients"] == [0, 1] and "dropped" not in aggregates[0]
-    assert aggregates[1]["clients"] == [0] and aggregates[1]["dropped"] == [1]
+    assert aggregates[0]["clients"] == [0, 1] and aggregates[0]["failures"] == []
+    assert aggregates[1]["clients"] == [0]
+    [failure] = aggregates[1]["failures"]
+    assert failure["client"] == 1 and failure["round"] == 1 and failure["error"] in {"NoReply", "ClientError"}
     lora_bytes = 2 * 2 * 256 * 4  # tiny-bert: 2 layers x (query, value), rank 4, fp32
     assert aggregates[0]["bytes_up"] == 2 * lora_bytes and aggregates[1]["bytes_up"] == lora_bytes
     assert aggregates[1]["personalized_acc_mean"] is not None and aggregates[1]["global_acc"] is not None

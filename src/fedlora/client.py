@@ -12,7 +12,7 @@ import fnmatch
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,12 @@ class EvalResult:
     correct: int
     loss_sum: float
     n: int
+    #: Sum over the examples of each instance-weighted slot's weight (see ``Payload.instance_weighting``).
+    slot_weight_sums: dict[str, float] = field(default_factory=dict)
+
+    def slot_weight_means(self) -> dict[str, float]:
+        """Mean test-time weight of each instance-weighted slot, keyed ``weight_<slot>``."""
+        return {f"weight_{slot}": total / self.n for slot, total in self.slot_weight_sums.items() if self.n}
 
     @property
     def acc(self) -> float:
@@ -156,20 +162,54 @@ class ClientRunner:
         return float(np.mean(losses)) if losses else float("nan")
 
     @torch.inference_mode()
-    def evaluate(self, indices: Sequence[int] | np.ndarray) -> EvalResult:
-        """Accuracy and loss sums on ``indices`` with the model as loaded."""
+    def pooled_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each input's token embeddings (frozen embedding layer) averaged over its attention mask."""
+        # Every transformers model has get_input_embeddings(); nn.Module's typing does not know it.
+        embedding_layer = getattr(self.lora_model.model, "get_input_embeddings")()  # noqa: B009
+        embeddings: torch.Tensor = embedding_layer(batch["input_ids"])
+        mask = batch["attention_mask"].unsqueeze(-1).to(embeddings.dtype)
+        pooled: torch.Tensor = (embeddings * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return pooled
+
+    @torch.inference_mode()
+    def evaluate(
+        self, indices: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray | None = None
+    ) -> EvalResult:
+        """Accuracy and loss sums on ``indices`` with the model as loaded.
+
+        ``reference`` (the client's training examples) is needed when the payload weights
+        slots per instance: their mean pooled feature is what each input is compared with.
+        """
         idx = np.asarray(indices)
         if len(idx) == 0:
             return EvalResult(0, 0.0, 0)
         order = idx[np.argsort(self.corpus.lengths[idx], kind="stable")]
         bs = self.train_config.eval_batch_size
+        weighting = self._payload.instance_weighting if self._payload is not None else None
+        mean_feature = None
+        if weighting is not None:
+            if reference is None or len(reference) == 0:
+                raise RuntimeError("instance-weighted evaluation needs the client's training examples as reference")
+            ref = np.asarray(reference)
+            mean_feature = torch.cat(
+                [self.pooled_features(self.corpus.batch(ref[i : i + bs])) for i in range(0, len(ref), bs)]
+            ).mean(0)
         model = self.lora_model.model
         model.eval()
         correct = 0
         loss_sum = 0.0
+        weight_sums: dict[str, float] = {}
         for start in range(0, len(order), bs):
             batch = self.corpus.batch(order[start : start + bs])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if weighting is not None and mean_feature is not None:
+                weights = weighting.slot_weights(self.pooled_features(batch), mean_feature)
+                self.lora_model.set_instance_weights(weights)
+                for slot, w in weights.items():
+                    weight_sums[slot] = weight_sums.get(slot, 0.0) + float(w.sum())
+            try:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            finally:
+                self.lora_model.set_instance_weights(None)
             loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        return EvalResult(correct, loss_sum, len(order))
+        return EvalResult(correct, loss_sum, len(order), weight_sums)

@@ -67,6 +67,8 @@ def _mean_std(values: Sequence[float | None]) -> str:
     if not vals:
         return "n/a"
     arr = 100 * np.array(vals)
+    if len(arr) == 1:
+        return f"{arr[0]:.2f}"
     return f"{arr.mean():.2f} ± {arr.std():.2f}"
 
 

@@ -10,7 +10,8 @@ seed give the same metrics in both runtimes.
 Flower node ids are mapped to fedlora client ids explicitly: the server asks every node
 which partition it serves (``query.fedlora_partition``) and sends client ``c``'s round to
 the node that answered ``c``. A client that does not reply (its node died, or the round
-timed out) is logged and left out of the round; the others are aggregated.
+timed out) is logged and recorded under the round's ``failures``; the others are
+aggregated.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fedlora.algorithms.base import Tensors
 from fedlora.config import Config, load_config
 from fedlora.errors import FedLoraError
 from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, record_bytes, train_content
-from fedlora.simulation import ClientOutcome, Simulation
+from fedlora.simulation import ClientFailure, ClientOutcome, Simulation
 
 #: Flower's own logger, so that fedlora's lines appear among Flower's.
 log = logging.getLogger("flwr")
@@ -109,15 +110,22 @@ class FlowerRun(Simulation):
     # --- one round --------------------------------------------------------------------
     def run_clients(
         self, rnd: int, payloads: Mapping[int, Payload], head_payload: Tensors, evaluate: bool
-    ) -> dict[int, ClientOutcome]:
-        """Send each client its payload; collect the replies that come back."""
+    ) -> dict[int, ClientOutcome | ClientFailure]:
+        """Send each client its payload; collect the replies that come back.
+
+        A client without a node, without a reply in time, or whose reply is an error gets a
+        :class:`~fedlora.simulation.ClientFailure` (``NoNode``, ``NoReply``, ``ClientError``),
+        which the round records under ``failures``.
+        """
         self.map_new_nodes()
         messages: list[Message] = []
         sent: dict[int, int] = {}  # client -> bytes down
+        outcomes: dict[int, ClientOutcome | ClientFailure] = {}
         for cid, payload in payloads.items():
             node = self.nodes.get(cid)
             if node is None:
                 log.warning("round %d: client %d has no node; left out", rnd, cid)
+                outcomes[cid] = ClientFailure("NoNode", "no Flower node serves this client")
                 continue
             content = train_content(self.config_toml, rnd, cid, payload, head_payload, evaluate)
             down = payload.wire_bytes
@@ -129,15 +137,16 @@ class FlowerRun(Simulation):
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)))
         replies = self._exchange(messages, timeout=self.options.round_timeout or None)
         node_to_client = {node: cid for cid, node in self.nodes.items()}
-        outcomes: dict[int, ClientOutcome] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
             cid = node_to_client[node]
             reply = replies.get(msg.metadata.message_id)
             if reply is None:
                 log.warning("round %d: client %d (node %d) did not reply in time; left out", rnd, cid, node)
+                outcomes[cid] = ClientFailure("NoReply", f"node {node} did not reply (it died or the round timed out)")
             elif reply.has_error():
                 log.warning("round %d: client %d (node %d) failed: %s; left out", rnd, cid, node, reply.error.reason)
+                outcomes[cid] = ClientFailure("ClientError", f"node {node}: {reply.error.reason}")
             else:
                 outcome = read_reply(reply.content)
                 outcome.row["bytes_down"] = sent[cid]
