@@ -3,7 +3,8 @@
 The runtime keeps a single :class:`~fedlora.lora.LoraModel` in memory. For each client
 it calls :meth:`ClientRunner.load` (layout, seeded defaults, private state, payload),
 :meth:`ClientRunner.train` (AdamW over the layout's trainable tensors), then reads the
-trained tensors back with :meth:`ClientRunner.trained_state`. The loop is plain PyTorch.
+trained tensors back with :meth:`ClientRunner.trained_state`. The loop is plain PyTorch;
+the loss and the evaluation come from the task's :class:`~fedlora.tasks.Objective`.
 """
 
 from __future__ import annotations
@@ -12,38 +13,21 @@ import fnmatch
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from fedlora.algorithms.base import Payload, Tensors
 from fedlora.config import TrainConfig
-from fedlora.data import TokenizedCorpus
 from fedlora.lora import LoraModel, init_state
+from fedlora.tasks import EvalResult, Objective
+
+__all__ = ["ClientRunner", "EvalResult", "derive_seed"]
 
 
 def derive_seed(*parts: object) -> int:
     """A stable 31-bit seed from any parts (run seed, round, client, purpose)."""
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class EvalResult:
-    """Sums over a client's evaluation examples (so they can be pooled exactly)."""
-
-    correct: int
-    loss_sum: float
-    n: int
-
-    @property
-    def acc(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.n if self.n else float("nan")
 
 
 class ClientRunner:
@@ -53,8 +37,8 @@ class ClientRunner:
     ----------
     lora_model
         The one model, with LoRA injected.
-    corpus
-        Every example of the run, tokenized once.
+    objective
+        The task's loss and evaluation over the run's examples (tokenized once).
     train
         Local training settings.
     seed
@@ -68,14 +52,14 @@ class ClientRunner:
     def __init__(
         self,
         lora_model: LoraModel,
-        corpus: TokenizedCorpus,
+        objective: Objective,
         train: TrainConfig,
         seed: int,
         head_init: Tensors,
         head_trainable: bool,
     ) -> None:
         self.lora_model = lora_model
-        self.corpus = corpus
+        self.objective = objective
         self.train_config = train
         self.seed = seed
         self.head_init = head_init
@@ -145,9 +129,7 @@ class ClientRunner:
         model.train()
         losses: list[float] = []
         for batch_idx in self.batches(indices, seed):
-            batch = self.corpus.batch(batch_idx)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits, batch["labels"])
+            loss = self.objective.train_loss(model, batch_idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -157,19 +139,9 @@ class ClientRunner:
 
     @torch.inference_mode()
     def evaluate(self, indices: Sequence[int] | np.ndarray) -> EvalResult:
-        """Accuracy and loss sums on ``indices`` with the model as loaded."""
+        """The task's scores and loss sums on ``indices`` with the model as loaded."""
         idx = np.asarray(indices)
         if len(idx) == 0:
             return EvalResult(0, 0.0, 0)
-        order = idx[np.argsort(self.corpus.lengths[idx], kind="stable")]
-        bs = self.train_config.eval_batch_size
-        model = self.lora_model.model
-        model.eval()
-        correct = 0
-        loss_sum = 0.0
-        for start in range(0, len(order), bs):
-            batch = self.corpus.batch(order[start : start + bs])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        return EvalResult(correct, loss_sum, len(order))
+        self.lora_model.model.eval()
+        return self.objective.evaluate(self.lora_model.model, idx, self.train_config.eval_batch_size)

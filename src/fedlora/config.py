@@ -70,6 +70,7 @@ class FederationConfig:
 @dataclass
 class EvalConfig:
     every: int = 1
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -178,6 +179,7 @@ def validate(config: Config) -> None:
         (0 < config.federation.fraction <= 1, f"federation.fraction = {config.federation.fraction}: must be in (0, 1]"),
         (config.federation.min_clients >= 1, "federation.min_clients must be >= 1"),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 = never evaluate)"),
+        (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 (tokens generated per answer)"),
     ]
     for ok, message in checks:
         if not ok:
