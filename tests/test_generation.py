@@ -80,7 +80,7 @@ def test_jsonl_dispatches_on_its_columns(tmp_path: Path) -> None:
     with pytest.raises(FedLoraError, match=r"line 2: no 'output'"):
         load_dataset(f"jsonl:{path}")
     path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
-    with pytest.raises(FedLoraError, match="'text' and a 'label'.*'instruction' and 'output'"):
+    with pytest.raises(FedLoraError, match=r"'text' and a 'label'.*'instruction' and 'output'"):
         load_dataset(f"jsonl:{path}")
     path.write_text(json.dumps({"text": "good", "label": 1}) + "\n" + json.dumps({"text": "bad", "label": 0}) + "\n")
     assert not is_instruct(load_dataset(f"jsonl:{path}"))
@@ -92,7 +92,12 @@ def test_jsonl_dispatches_on_its_columns(tmp_path: Path) -> None:
 def test_prompt_is_the_chat_template_and_only_the_answer_is_labelled(llama: Any) -> None:
     tok = llama.tokenizer
     corpus = InstructCorpus(
-        ["Answer the question.", "Say yes."], ["What is AI?", ""], ["A field of science.", "yes"], ["qa", "qa"], tok, 128
+        ["Answer the question.", "Say yes."],
+        ["What is AI?", ""],
+        ["A field of science.", "yes"],
+        ["qa", "qa"],
+        tok,
+        128,
     )
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "Answer the question.\n\nWhat is AI?"}], tokenize=False, add_generation_prompt=True
@@ -123,7 +128,7 @@ def test_truncation_cuts_the_input_and_keeps_the_template_and_answer_end(llama: 
     assert corpus.answers[0][-1] == tok.convert_tokens_to_ids("<|im_end|>")
     generation_header = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     assert corpus.prompts[0][-len(generation_header) :].tolist() == generation_header
-    with pytest.raises(FedLoraError, match="raise data.max_length"):
+    with pytest.raises(FedLoraError, match=r"raise data\.max_length"):
         InstructCorpus(["Summarize."], [long_input], ["x"], ["headline"], tok, 32)
 
 
@@ -184,7 +189,11 @@ def test_round_aggregate_reports_rouge_per_client_and_pooled_per_group() -> None
         sums = {"rouge1": sum(r1), "exact_match": float(sum(v == 1.0 for v in r1))}
         return EvalResult(sum(r1), 2.0 * len(r1), len(r1), sums, {group: {"n": len(r1), **sums}})
 
-    results = {0: result([1.0, 0.0], "sentiment"), 1: result([0.5, 0.5, 0.2], "headline"), 2: result([1.0], "sentiment")}
+    results = {
+        0: result([1.0, 0.0], "sentiment"),
+        1: result([0.5, 0.5, 0.2], "headline"),
+        2: result([1.0], "sentiment"),
+    }
     rows = [{"client": c, "train_loss": 1.0, "bytes_up": 0, "bytes_down": 0} for c in results]
     agg = round_aggregate(0, rows, results, None, 1.0)
     # per-client means 0.5, 0.4, 1.0
@@ -214,10 +223,19 @@ def test_llama_module_names_become_layer_keys(llama: Any) -> None:
     assert lm.paths[lm.module_ids[0]] == "model.layers.0.self_attn.q_proj"
 
 
+def _run(out: Path, *extra: str) -> Path:
+    assert main(["run", NLG_SMOKE, "--out", str(out), "--quiet", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fedit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(tmp_path_factory.mktemp("nlg") / "fedit")
+
+
 @pytest.mark.parametrize("algorithm", ["fedit", "local", "ffa"])
-def test_nlg_run_reports_rouge_per_client_and_group(tmp_path: Path, algorithm: str) -> None:
-    out = tmp_path / algorithm
-    assert main(["run", NLG_SMOKE, "--out", str(out), "--quiet", "--set", f"algorithm.name='{algorithm}'"]) == 0
+def test_nlg_run_reports_rouge_per_client_and_group(tmp_path: Path, algorithm: str, fedit_run: Path) -> None:
+    out = fedit_run if algorithm == "fedit" else _run(tmp_path / algorithm, "--set", f"algorithm.name='{algorithm}'")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "rouge1"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -234,10 +252,8 @@ def test_nlg_run_reports_rouge_per_client_and_group(tmp_path: Path, algorithm: s
     assert (out / "plots" / "learning_curves.png").is_file()
 
 
-def test_nlg_resume_is_bit_identical_and_compare_has_group_columns(tmp_path: Path) -> None:
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["run", NLG_SMOKE, "--out", str(straight), "--quiet"]) == 0
-    assert main(["run", NLG_SMOKE, "--out", str(resumed), "--set", "run.rounds=1", "--quiet"]) == 0
+def test_nlg_resume_is_bit_identical_and_compare_has_group_columns(tmp_path: Path, fedit_run: Path) -> None:
+    straight, resumed = fedit_run, _run(tmp_path / "resumed", "--set", "run.rounds=1")
     assert main(["run", "--resume", str(resumed), "--set", "run.rounds=2", "--quiet"]) == 0
 
     def rows(run: Path) -> list[dict[str, Any]]:
@@ -259,5 +275,6 @@ def test_nlg_resume_is_bit_identical_and_compare_has_group_columns(tmp_path: Pat
 
 
 def test_a_trained_head_is_refused_for_causal_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", NLG_SMOKE, "--out", str(tmp_path / "x"), "--quiet", "--set", "model.head='local'"]) != 0
+    qa_only = ["--set", "data.dataset='instruct_mix:qa'", "--set", "model.head='local'"]
+    assert main(["run", NLG_SMOKE, "--out", str(tmp_path / "x"), "--quiet", *qa_only]) != 0
     assert "model.head" in capsys.readouterr().err
