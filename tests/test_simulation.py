@@ -195,3 +195,21 @@ def test_list_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["report", str(out)]) == 0
     assert (out / "plots" / "learning_curves.png").is_file()
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_compare_algorithm_variants(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", SMOKE, "--algorithms", "fedit,fedit:weighting='uniform'", "--out", str(out), "--quiet",
+            "--set", "run.rounds=1"]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads((out / "comparison.json").read_text())
+    assert set(data) == {"fedit", "fedit:weighting='uniform'"}
+    config = (out / "fedit_weighting-'uniform'_s0" / "config.toml").read_text()
+    assert 'weighting = "uniform"' in config
+
+
+def test_compare_rejects_bad_variant_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", SMOKE, "--algorithms", "fedit,fedit:weighting=median", "--out", str(tmp_path / "c"), "--quiet"]
+    assert main(args) == 2
+    assert "'examples' or 'uniform'" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "fedit_s0").exists()

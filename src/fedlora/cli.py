@@ -42,8 +42,13 @@ def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run_one(config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) one configuration into ``run_dir`` with a progress bar."""
+def run_one(
+    config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet: bool = False, last_good: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) one configuration into ``run_dir`` with a progress bar.
+
+    ``last_good``: when resuming, skip a damaged latest checkpoint for the newest intact one.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -53,6 +58,7 @@ def run_one(config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet:
         TimeRemainingColumn,
     )
 
+    from fedlora.checkpoint import write_atomic
     from fedlora.report import draw_run
     from fedlora.simulation import Simulation, sample_clients
 
@@ -87,9 +93,9 @@ def run_one(config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet:
 
         sim = Simulation(config, run_dir, on_progress)
         if resume:
-            sim.resume()
+            sim.resume(last_good=last_good)
         else:
-            (run_dir / "config.toml").write_text(config.to_toml())
+            write_atomic(run_dir / "config.toml", config.to_toml().encode())
         ids = sim.fed.client_ids
         total = sum(len(sample_clients(config, ids, r)) for r in range(config.run.rounds))
         done = sum(len(sample_clients(config, ids, r)) for r in range(sim.next_round))
@@ -106,19 +112,29 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.checkpoint import write_atomic
     from fedlora.config import load_config
 
+    if args.resume_from_last_good and not args.resume:
+        raise FedLoraError("--resume-from-last-good goes with --resume DIR")
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.toml"
         if not saved.is_file():
             raise FedLoraError(f"{run_dir} has no config.toml: is it a fedlora run directory?")
         config = load_config(saved, args.set)
-        (run_dir / "config.toml").write_text(config.to_toml())
+        write_atomic(run_dir / "config.toml", config.to_toml().encode())
     else:
         config = _load(args)
         run_dir = _run_dir(config, args.out)
-    summary = run_one(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet)
+    summary = run_one(
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        last_good=args.resume_from_last_good,
+    )
     _print_summary(summary, run_dir)
     return 0
 
@@ -139,30 +155,60 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory: {run_dir}")
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value:key=value`` (values read as TOML) -> (name, options)."""
+    import tomllib
+
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise FedLoraError(f"--algorithms entry {spec!r}: expected name:key=value, e.g. fedtreelora:fixed_k=4")
+        key, text = pair.split("=", 1)
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = text
+    return name.strip(), options
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.algorithms import get_algorithm
+    from fedlora.algorithms import get_algorithm, parse_options
+    from fedlora.config import load_config
     from fedlora.report import comparison_table
 
     base = _load(args)
-    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    specs = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
-    for name in algorithms:
-        get_algorithm(name)
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, options = parse_variant(spec)
+        algorithm = (
+            {**base.algorithm, **options, "name": name} if name == base.algorithm_name else {**options, "name": name}
+        )
+        parse_options(get_algorithm(name), {k: v for k, v in algorithm.items() if k != "name"})
+        variants[spec] = algorithm
     out = Path(args.out) if args.out else Path(base.run.out) / f"{base.run.name}_compare"
+
+    def run_dir_of(spec: str, seed: int) -> Path:
+        return out / f"{spec.replace(':', '_').replace('=', '-')}_s{seed}"
+
+    if not args.overwrite:
+        taken = [out / f for f in ("comparison.md", "comparison.json") if (out / f).exists()]
+        taken += [d for d in (run_dir_of(v, s) for v in variants for s in seeds) if d.exists() and any(d.iterdir())]
+        if taken:
+            raise FedLoraError(
+                f"{taken[0]} already exists; pass --overwrite to replace the comparison, or choose another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, list[dict[str, Any]]] = {}
     run_dirs: list[Path] = []
-    from fedlora.config import load_config
-
-    for name in algorithms:
+    for spec, algorithm in variants.items():
         for seed in seeds:
-            config = load_config(
-                Path(args.config) if args.config else None, [*args.set, f"algorithm.name={name!r}", f"run.seed={seed}"]
-            )
-            if name != base.algorithm_name:
-                config.algorithm = {"name": name}
-            run_dir = out / f"{name}_s{seed}"
-            summaries.setdefault(name, []).append(
+            config = load_config(Path(args.config) if args.config else None, [*args.set, f"run.seed={seed}"])
+            config.algorithm = dict(algorithm)
+            run_dir = run_dir_of(spec, seed)
+            summaries.setdefault(spec, []).append(
                 run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
             )
             run_dirs.append(run_dir)
@@ -213,9 +259,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedlora.export import export_adapter
+    from fedlora.export import export_adapter, export_merged
 
-    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=Path(args.out))
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not args.overwrite:
+            raise FedLoraError(f"{out_dir} already exists; pass --overwrite to replace it, or choose another --out")
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        else:
+            out_dir.unlink()
+    if args.merged:
+        out = export_merged(Path(args.run_dir), client=args.client, out_dir=out_dir)
+        print(f"wrote merged transformers model to {out}")
+        return 0
+    out = export_adapter(Path(args.run_dir), client=args.client, out_dir=out_dir, rank=args.rank)
     print(f"wrote peft adapter to {out}")
     return 0
 
@@ -234,11 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run one federated experiment")
     config_args(p_run, required=False)
     p_run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p_run.add_argument(
+        "--resume-from-last-good",
+        action="store_true",
+        help="with --resume: if the latest checkpoint is damaged, continue from the newest intact one",
+    )
     p_run.set_defaults(func=cmd_run)
 
     p_cmp = sub.add_parser("compare", help="run several algorithms (and seeds) and tabulate them")
     config_args(p_cmp, required=True)
-    p_cmp.add_argument("--algorithms", required=True, help="comma-separated algorithm names")
+    p_cmp.add_argument(
+        "--algorithms",
+        required=True,
+        help="comma-separated algorithms, each optionally with options: fedit,fedtreelora:fixed_k=4:tau=0.3",
+    )
     p_cmp.add_argument("--seeds", help="comma-separated seeds (default: run.seed)")
     p_cmp.set_defaults(func=cmd_compare)
 
@@ -249,10 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("run_dir")
     p_rep.set_defaults(func=cmd_report)
 
-    p_exp = sub.add_parser("export", help="export a client's (or the global) adapter in peft format")
+    p_exp = sub.add_parser("export", help="export a client's (or the global) model: peft adapter or merged weights")
     p_exp.add_argument("run_dir")
     p_exp.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
-    p_exp.add_argument("--out", required=True, help="adapter directory to write")
+    p_exp.add_argument("--out", required=True, help="adapter (or model) directory to write")
+    p_exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    form = p_exp.add_mutually_exclusive_group()
+    form.add_argument("--merged", action="store_true", help="write the merged model (transformers save_pretrained)")
+    form.add_argument("--rank", type=int, default=None, help="write a peft LoRA of this rank (truncated SVD)")
     p_exp.set_defaults(func=cmd_export)
     return parser
 

@@ -138,10 +138,51 @@ class ClientRunner:
         return float(np.mean(losses)) if losses else float("nan")
 
     @torch.inference_mode()
-    def evaluate(self, indices: Sequence[int] | np.ndarray) -> EvalResult:
-        """The task's scores and loss sums on ``indices`` with the model as loaded."""
+    def pooled_features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Each input's token embeddings (frozen embedding layer) averaged over its attention mask."""
+        # Every transformers model has get_input_embeddings(); nn.Module's typing does not know it.
+        embedding_layer = getattr(self.lora_model.model, "get_input_embeddings")()  # noqa: B009
+        embeddings: torch.Tensor = embedding_layer(batch["input_ids"])
+        mask = batch["attention_mask"].unsqueeze(-1).to(embeddings.dtype)
+        pooled: torch.Tensor = (embeddings * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return pooled
+
+    @torch.inference_mode()
+    def evaluate(
+        self, indices: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray | None = None
+    ) -> EvalResult:
+        """The task's scores and loss sums on ``indices`` with the model as loaded.
+
+        ``reference`` (the client's training examples) is needed when the payload weights
+        slots per instance: each test input (what the model sees at test time: the text,
+        or the prompt for generation) is compared with their mean pooled feature.
+        """
         idx = np.asarray(indices)
         if len(idx) == 0:
             return EvalResult(0, 0.0, 0)
+        bs = self.train_config.eval_batch_size
+        weighting = self._payload.instance_weighting if self._payload is not None else None
+        before_batch = None
+        weight_sums: dict[str, float] = {}
+        if weighting is not None:
+            if reference is None or len(reference) == 0:
+                raise RuntimeError("instance-weighted evaluation needs the client's training examples as reference")
+            ref = np.asarray(reference)
+            inputs = self.objective.inputs
+            mean_feature = torch.cat(
+                [self.pooled_features(inputs(ref[i : i + bs])) for i in range(0, len(ref), bs)]
+            ).mean(0)
+
+            def before_batch(chunk: np.ndarray) -> None:
+                weights = weighting.slot_weights(self.pooled_features(inputs(chunk)), mean_feature)
+                self.lora_model.set_instance_weights(weights)
+                for slot, w in weights.items():
+                    weight_sums[slot] = weight_sums.get(slot, 0.0) + float(w.sum())
+
         self.lora_model.model.eval()
-        return self.objective.evaluate(self.lora_model.model, idx, self.train_config.eval_batch_size)
+        try:
+            result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
+        finally:
+            self.lora_model.set_instance_weights(None)
+        result.slot_weight_sums = weight_sums
+        return result

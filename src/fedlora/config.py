@@ -65,6 +65,9 @@ class TrainConfig:
 class FederationConfig:
     fraction: float = 1.0
     min_clients: int = 1
+    on_client_error: str = "skip"
+    round_retries: int = 0
+    clip_update_norm: float = 0.0
 
 
 @dataclass
@@ -178,6 +181,17 @@ def validate(config: Config) -> None:
         (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 < config.federation.fraction <= 1, f"federation.fraction = {config.federation.fraction}: must be in (0, 1]"),
         (config.federation.min_clients >= 1, "federation.min_clients must be >= 1"),
+        (
+            config.federation.on_client_error in ("skip", "fail"),
+            f"federation.on_client_error = {config.federation.on_client_error!r}: use 'skip' (drop the client's "
+            "update and continue) or 'fail' (stop the run)",
+        ),
+        (config.federation.round_retries >= 0, "federation.round_retries must be >= 0 (0 = stop at once)"),
+        (
+            config.federation.clip_update_norm == 0 or config.federation.clip_update_norm >= 1,
+            f"federation.clip_update_norm = {config.federation.clip_update_norm}: use 0 (off) or a multiple >= 1 "
+            "of the round's median update norm, e.g. 3",
+        ),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 = never evaluate)"),
         (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 (tokens generated per answer)"),
     ]

@@ -1,11 +1,21 @@
-"""Export a run's result in peft format (``adapter_config.json`` + safetensors).
+"""Export a run's result: a peft LoRA adapter, a LoRA of a chosen rank, or merged weights.
 
 A client's personalized model is what it holds at the start of the next round: its
 payload from the server (configured for the round after the last) with its private state
-on top. The global model (``client=None``) is the algorithm's global payload. Mixed slots
-are written as one LoRA exactly (see :func:`fedlora.lora.adapter_from_slots`); the
-classification head is saved as a ``modules_to_save`` module so the export reproduces
-the run's logits on a fresh base model.
+on top. The global model (``client=None``) is the algorithm's global payload.
+
+- :func:`export_adapter` writes peft's ``adapter_config.json`` + safetensors. Mixed slots
+  are written as one LoRA exactly (see :func:`fedlora.lora.adapter_from_slots`). With
+  ``rank=R`` the model's whole update per module (folded dense update plus slots) is
+  written as its best rank-``R`` approximation (truncated SVD): the way to export methods
+  whose result is a dense update (FedHL, FlexLoRA, FLoRA) as a LoRA.
+- :func:`export_merged` writes the base model with every module's update merged into its
+  weights (``save_pretrained``), loadable by transformers without peft.
+
+The classification head is saved too (``modules_to_save`` in the adapter, in the weights
+of the merged model), so an export reproduces the run's logits on a fresh base model.
+Input-dependent mixing (routers, instance-wise weights) is neither a LoRA nor a merged
+weight, and is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -13,14 +23,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.lora import adapter_from_slots, save_peft
+from fedlora.lora import LoraModel, ModuleId, PeftAdapter, adapter_from_slots, save_peft
+from fedlora.models import LoadedModel, load_model
 
 
-def export_adapter(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
-    """Write ``client``'s personalized adapter (or the global one) to ``out_dir``."""
+def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
+    """Restore the run (read only), load the requested model; return (loaded, lora model, algorithm)."""
     from fedlora.simulation import Simulation
 
     config_file = run_dir / "config.toml"
@@ -28,7 +41,7 @@ def export_adapter(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
         raise FedLoraError(f"{run_dir} has no config.toml: is it a fedlora run directory?")
     config = load_config(config_file)
     sim = Simulation(config, run_dir)
-    sim.resume()
+    sim.restore()
     fed = sim.fed
     if client is None:
         payload = fed.algorithm.global_payload()
@@ -43,25 +56,114 @@ def export_adapter(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
             raise FedLoraError(f"--client {client}: the run has clients 0..{len(fed.client_ids) - 1}")
         payload = fed.algorithm.configure(sim.next_round, [client])[client]
         private = sim.store.get(client)
+    if payload.instance_weighting is not None:
+        raise FedLoraError(
+            f"{config.algorithm_name} weights its adapters per input at test time; that is neither a LoRA nor a "
+            "merged model (for feddpa, run with algorithm.test_weighting='fixed' to export one)"
+        )
     fed.runner.load(payload, private, fed.head.payload())
-    lm = fed.lora_model
-    for mid, ml in payload.layout.modules.items():
-        if ml.folded and torch.any(lm.modules[mid].folded_delta() != 0):
-            raise FedLoraError(
-                f"{config.algorithm_name} folds updates into the base weights; its result is not a LoRA adapter"
-            )
+    return fed.loaded, fed.lora_model, config.algorithm_name
+
+
+def _slot_adapter(lm: LoraModel) -> PeftAdapter:
     keys = [k for k in lm.all_keys() if k.startswith("layers.")]
-    adapter = adapter_from_slots(lm.read(keys), payload.layout, lm.lambdas())
-    head_path = fed.loaded.head_module
-    modules = {}
-    if head_path is not None and lm.head is not None:
-        modules[head_path] = {n: p.detach().clone() for n, p in lm.head.named_parameters()}
+    return adapter_from_slots(lm.read(keys), lm.layout, lm.lambdas())
+
+
+def dense_updates(lm: LoraModel) -> dict[ModuleId, torch.Tensor]:
+    """Each module's whole update ``W - W0`` (``d_out x d_in``): folded update plus its slots."""
+    slots = _slot_adapter(lm)
+    out: dict[ModuleId, torch.Tensor] = {}
+    for mid, module in lm.modules.items():
+        delta = module.folded_delta().float().clone()
+        if mid in slots.a:
+            delta += (slots.alpha[mid] / slots.rank(mid)) * slots.b[mid].float() @ slots.a[mid].float()
+        out[mid] = delta
+    return out
+
+
+def _head(loaded: LoadedModel, lm: LoraModel) -> dict[str, dict[str, torch.Tensor]]:
+    if loaded.head_module is None or lm.head is None:
+        return {}
+    return {loaded.head_module: {n: p.detach().clone() for n, p in lm.head.named_parameters()}}
+
+
+def _task_type(loaded: LoadedModel) -> str:
+    return "SEQ_CLS" if loaded.task == "classification" else "CAUSAL_LM"
+
+
+def export_adapter(run_dir: Path, *, client: int | None, out_dir: Path, rank: int | None = None) -> Path:
+    """Write ``client``'s personalized adapter (or the global one) to ``out_dir``.
+
+    Parameters
+    ----------
+    rank
+        None: the slots as they are (exact; the run must not fold updates into the base
+        weights). An integer ``R``: every module's whole update as its best rank-``R``
+        approximation (exact where the update's rank is at most ``R``).
+    """
+    loaded, lm, algorithm = _load_result(run_dir, client)
+    if rank is None:
+        if any(torch.any(m.folded_delta() != 0) for m in lm.modules.values()):
+            raise FedLoraError(
+                f"{algorithm} folds updates into the base weights; export a LoRA of a chosen rank with --rank R, "
+                "or the merged model with --merged"
+            )
+        adapter = _slot_adapter(lm)
+    else:
+        if rank < 1:
+            raise FedLoraError(f"--rank {rank}: the rank must be >= 1")
+        adapter = low_rank_adapter(dense_updates(lm), rank)
     save_peft(
         adapter,
         out_dir,
         paths=lm.paths,
-        base_model=fed.loaded.source,
-        task_type="SEQ_CLS" if fed.loaded.task == "classification" else "CAUSAL_LM",
-        modules_to_save=modules,
+        base_model=loaded.source,
+        task_type=_task_type(loaded),
+        modules_to_save=_head(loaded, lm),
     )
+    return out_dir
+
+
+def low_rank_adapter(updates: dict[ModuleId, torch.Tensor], rank: int) -> PeftAdapter:
+    """Best rank-``rank`` LoRA of each dense update: ``B = U_r S_r``, ``A = V_r^T``, alpha = r (s = 1)."""
+    a: dict[ModuleId, torch.Tensor] = {}
+    b: dict[ModuleId, torch.Tensor] = {}
+    alpha: dict[ModuleId, float] = {}
+    for mid, delta in updates.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s.numel())
+        a[mid] = vh[:r].contiguous()
+        b[mid] = (u[:, :r] * s[:r]).contiguous()
+        alpha[mid] = float(r)
+    return PeftAdapter(a, b, alpha)
+
+
+def _pretrained(loaded: LoadedModel) -> PreTrainedModel:
+    if not isinstance(loaded.model, PreTrainedModel):
+        raise FedLoraError(f"{loaded.source}: not a transformers model, cannot save it with save_pretrained")
+    return loaded.model
+
+
+def export_merged(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
+    """Write the base model with the run's update merged into its weights (``save_pretrained``)."""
+    loaded, lm, _ = _load_result(run_dir, client)
+    updates = dense_updates(lm)
+    heads = _head(loaded, lm)
+    config = load_config(run_dir / "config.toml")
+    num_labels = _pretrained(loaded).config.num_labels if loaded.task == "classification" else None
+    fresh = load_model(config.model.name, task=loaded.task, num_labels=num_labels, head_seed=config.run.seed)
+    with torch.no_grad():
+        for mid, delta in updates.items():
+            linear = fresh.model.get_submodule(lm.paths[mid])
+            if not isinstance(linear, nn.Linear):
+                raise FedLoraError(f"{lm.paths[mid]} is not a linear module in the reloaded base model")
+            linear.weight.add_(delta.to(linear.weight.dtype))
+        for module_path, state in heads.items():
+            params = dict(fresh.model.get_submodule(module_path).named_parameters())
+            for name, value in state.items():
+                params[name].copy_(value)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _pretrained(fresh).save_pretrained(str(out_dir))
+    fresh.tokenizer.save_pretrained(str(out_dir))
     return out_dir

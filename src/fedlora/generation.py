@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from fedlora.errors import FedLoraError
 from fedlora.models import Task
-from fedlora.tasks import EvalResult
+from fedlora.tasks import BatchHook, EvalResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -283,7 +283,12 @@ class GenerationObjective:
         texts: list[str] = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def evaluate(self, model: torch.nn.Module, indices: np.ndarray, batch_size: int) -> EvalResult:
+    def inputs(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.corpus.prompt_batch(indices)
+
+    def evaluate(
+        self, model: torch.nn.Module, indices: np.ndarray, batch_size: int, before_batch: BatchHook | None = None
+    ) -> EvalResult:
         corpus = self.corpus
         order = indices[np.argsort(corpus.prompt_lengths[indices], kind="stable")]
         sums = dict.fromkeys([*ROUGE_TYPES, "exact_match"], 0.0)
@@ -292,6 +297,8 @@ class GenerationObjective:
         loss_sum = 0.0
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
+            if before_batch is not None:
+                before_batch(chunk)
             batch = corpus.batch(chunk)
             nll = answer_nll(model, batch, self._supports_logits_to_keep(model))
             counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1)

@@ -5,7 +5,8 @@ A wrapped linear (:class:`LoRALinear`) holds the frozen base weight and an order
 scaling ``s = alpha / r``. How the slots combine is the module's **mixing rule**:
 
 ``sum``
-    ``h = W x + sum_i w_i s_i B_i A_i x`` with fixed weights ``w_i`` (default 1).
+    ``h = W x + sum_i w_i s_i B_i A_i x`` with fixed weights ``w_i`` (default 1), or with
+    per-example weights set for evaluation by :meth:`LoraModel.set_instance_weights`.
 ``lambda``
     Two slots (first and second): ``h = W x + lam s_1 B_1 A_1 x + (1 - lam) s_2 B_2 A_2 x``
     with ``lam = sigmoid(theta)``, one learnable scalar per module (FedTreeLoRA). With a
@@ -244,6 +245,8 @@ class LoRALinear(nn.Module):
         self.router = nn.Linear(self.in_features, 1)
         self.layout = ModuleLayout(slots=())
         self._folded = False
+        #: Per-example weights (batch,) replacing the fixed weights of named ``sum`` slots.
+        self.instance_weights: Mapping[str, torch.Tensor] | None = None
 
     def set_layout(self, layout: ModuleLayout) -> None:
         """Allocate (or resize) the slot parameters for ``layout``."""
@@ -292,8 +295,13 @@ class LoRALinear(nn.Module):
         if not slots:
             return out
         if layout.mixing == "sum":
+            per_example = self.instance_weights or {}
             for spec in slots:
-                out = out + self._slot_out(x, spec) * spec.weight
+                if spec.name in per_example:
+                    weight = per_example[spec.name].view(-1, *([1] * (x.dim() - 1)))
+                    out = out + self._slot_out(x, spec) * weight
+                else:
+                    out = out + self._slot_out(x, spec) * spec.weight
         elif layout.mixing == "lambda":
             if len(slots) == 1:
                 return out + self._slot_out(x, slots[0])
@@ -364,7 +372,13 @@ class LoraModel:
         self._layout: Layout | None = None
         self._params: dict[str, torch.Tensor] = {}
 
+    def base_param_count(self) -> int:
+        """Parameters of the pretrained model, adapters excluded (independent of any layout)."""
+        adapter = {id(p) for m in self.modules.values() for n, p in m.named_parameters() if not n.startswith("base.")}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in adapter)
+
     # --- layout -----------------------------------------------------------------------
+
     def apply_layout(self, layout: Layout) -> None:
         """Give every module its slots; modules absent from ``layout`` get none."""
         if layout is self._layout:
@@ -433,6 +447,11 @@ class LoraModel:
     def all_keys(self) -> list[str]:
         return list(self._params)
 
+    def set_instance_weights(self, weights: Mapping[str, torch.Tensor] | None) -> None:
+        """Weight the named slots of ``sum``-mixed modules per example (``(batch,)`` tensors); None resets."""
+        for module in self.modules.values():
+            module.instance_weights = weights
+
     def set_head_trainable(self, trainable: bool) -> None:
         if self.head is not None:
             for p in self.head.parameters():
@@ -446,7 +465,7 @@ class LoraModel:
     def lambdas(self) -> dict[str, float]:
         """The current lambda of every module that mixes two slots by a learnable scalar."""
         return {
-            mid.prefix(): float(m.lam())
+            mid.prefix(): float(m.lam().detach())
             for mid, m in self.modules.items()
             if m.layout.mixing == "lambda" and len(m.layout.slots) == 2
         }

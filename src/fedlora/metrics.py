@@ -4,7 +4,9 @@ Per-client rows: ``{"round", "client", "split", "acc", "loss", "n", "train_loss"
 "bytes_up", "bytes_down", "n_train"}``. Round aggregate rows have ``"client": null`` and
 hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
 ``global_acc``/``global_loss`` (null where the algorithm has no global model),
-``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds`` and ``clients``.
+``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds``, ``clients`` (those whose
+update was aggregated), ``failures`` (``{"round", "client", "attempt", "error",
+"message"}`` per dropped client) and ``clipped`` (``{"client", "scale"}``).
 
 Generation (causal LM) runs score by ROUGE-1 F1, reported in the ``acc`` fields
 (``personalized_acc_mean`` is the mean ROUGE-1 over clients). Their client rows add the
@@ -19,12 +21,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from fedlora.checkpoint import write_atomic
+from fedlora.errors import FedLoraError
+from fedlora.lora import MIX_SLOT, parse_key
 from fedlora.tasks import EvalResult, group_means, pool_groups
 
 if TYPE_CHECKING:
@@ -37,31 +44,72 @@ def _finite(value: float) -> float | None:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log, flushed after every row."""
+    """Append-only JSON-lines log; each round's rows are appended in one write and synced to disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def write(self, row: Mapping[str, Any]) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Append rows and ``fsync``: rows are on disk before the round's checkpoint is."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write("".join(json.dumps(row) + "\n" for row in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def rows(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
 
-    def truncate(self, keep: Callable[[dict[str, Any]], bool]) -> None:
-        """Keep only rows for which ``keep`` is true (used when resuming)."""
-        rows = [r for r in self.rows() if keep(r)]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(self.path)
+    def truncate(self, next_round: int) -> None:
+        """Keep the rows of rounds before ``next_round`` (used when resuming from a checkpoint).
+
+        A run killed while appending leaves a half-written last line; it belongs to a round
+        the checkpoint does not cover and is dropped with the rest of that round.
+
+        Raises
+        ------
+        FedLoraError
+            If a line before the last is not JSON, or the kept rows lack a round the
+            checkpoint covers (the log does not belong to the checkpoint).
+        """
+        rows = [r for r in read_metrics(self.path) if int(r["round"]) < next_round]
+        covered = sorted({int(r["round"]) for r in aggregate_rows(rows)})
+        if covered != list(range(next_round)):
+            raise FedLoraError(
+                f"{self.path} has the rounds {covered} but the checkpoint covers rounds 0..{next_round - 1}: "
+                "the log does not belong to this checkpoint; start the run again with --overwrite"
+            )
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log; a half-written last line (a killed run) is left out.
+
+    Raises
+    ------
+    FedLoraError
+        If a line before the last is not valid JSON.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the run was killed while writing it
+                continue
+            raise FedLoraError(
+                f"{path}, line {number} is not valid JSON: the metrics log is damaged; "
+                "start the run again with --overwrite"
+            ) from None
+    return rows
 
 
 def round_aggregate(
@@ -70,8 +118,15 @@ def round_aggregate(
     results: Mapping[int, EvalResult] | None,
     global_result: EvalResult | None,
     seconds: float,
+    failures: Sequence[Mapping[str, Any]] = (),
+    clipped: Mapping[int, float] | None = None,
 ) -> dict[str, Any]:
-    """The ``client: null`` row of a round."""
+    """The ``client: null`` row of a round.
+
+    ``failures`` lists the clients whose update was dropped (an exception, or an update
+    rejected by validation); ``clipped`` maps clients whose update norm was clipped to the
+    scale applied.
+    """
     row: dict[str, Any] = {
         "round": rnd,
         "client": None,
@@ -87,6 +142,8 @@ def round_aggregate(
         "personalized_loss_mean": None,
         "global_acc": global_result.acc if global_result else None,
         "global_loss": global_result.loss if global_result else None,
+        "failures": [dict(f) for f in failures],
+        "clipped": [{"client": c, "scale": s} for c, s in sorted((clipped or {}).items())],
     }
     evaluated = [r for r in (results or {}).values() if r.n > 0]
     if evaluated:
@@ -113,14 +170,38 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if r.get("client") is None]
 
 
+def client_lambdas(private: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[str, dict[str, float]]:
+    """``sigmoid(theta)`` of every private mixing scalar, per client and module prefix."""
+    out: dict[str, dict[str, float]] = {}
+    for client, tensors in private:
+        for key, value in tensors.items():
+            if key.endswith(f".{MIX_SLOT}.theta"):
+                module = parse_key(key).module_id.prefix()
+                out.setdefault(str(client), {})[module] = float(torch.sigmoid(value))
+    return out
+
+
 def summarize(
-    config: Config, fed: Federation, rows: Sequence[Mapping[str, Any]], wall_seconds: float, trainable_params: int
+    config: Config,
+    fed: Federation,
+    rows: Sequence[Mapping[str, Any]],
+    wall_seconds: float,
+    trainable_params: int,
+    private: Iterable[tuple[int, Mapping[str, torch.Tensor]]] = (),
 ) -> dict[str, Any]:
-    """``summary.json``: the run's identity, final and best rows, totals and structure."""
+    """``summary.json``: the run's identity, final and best rows, totals and structure.
+
+    ``private`` is the clients' private state; learnable mixing scalars found there go into
+    ``structure["lambdas"]`` (per client and module), since the server never sees them.
+    """
     agg = aggregate_rows(rows)
     evaluated = [r for r in agg if r["personalized_acc_mean"] is not None]
     best = max(evaluated, key=lambda r: r["personalized_acc_mean"]) if evaluated else None
-    total_params = sum(p.numel() for p in fed.lora_model.model.parameters())
+    total_params = fed.lora_model.base_param_count() + trainable_params
+    structure = fed.algorithm.structure()
+    lambdas = client_lambdas(private)
+    if lambdas:
+        structure = {**structure, "lambdas": lambdas}
     return {
         "algorithm": config.algorithm_name,
         "dataset": config.data.dataset,
@@ -137,5 +218,6 @@ def summarize(
         "trainable_params": trainable_params,
         "trainable_percent": 100.0 * trainable_params / total_params if total_params else None,
         "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
-        "structure": fed.algorithm.structure(),
+        "structure": structure,
+        "failures": [f for r in agg for f in r.get("failures", [])],
     }

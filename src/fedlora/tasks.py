@@ -17,7 +17,7 @@ instruction JSONL file; see :mod:`fedlora.data.instruct`) is ``causal_lm``, any 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,6 +55,9 @@ class EvalResult:
         Per task group: ``n`` and the sums of ``metric_sums`` over its examples.
     samples
         A few ``{"prediction", "reference"}`` pairs to read (generation).
+    slot_weight_sums
+        Sum over the examples of each instance-weighted slot's weight (see
+        ``Payload.instance_weighting``).
     """
 
     correct: float
@@ -63,6 +66,11 @@ class EvalResult:
     metric_sums: dict[str, float] = field(default_factory=dict)
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
+    slot_weight_sums: dict[str, float] = field(default_factory=dict)
+
+    def slot_weight_means(self) -> dict[str, float]:
+        """Mean test-time weight of each instance-weighted slot, keyed ``weight_<slot>``."""
+        return {f"weight_{slot}": total / self.n for slot, total in self.slot_weight_sums.items() if self.n}
 
     @property
     def acc(self) -> float:
@@ -101,6 +109,10 @@ def pool_groups(results: Sequence[EvalResult]) -> dict[str, dict[str, float]]:
     return pooled
 
 
+BatchHook = Callable[[np.ndarray], None]
+"""Called with a batch's example indices before the model sees the batch."""
+
+
 class Objective(Protocol):
     """A task's loss and evaluation over examples of the run's corpus (by row index)."""
 
@@ -117,8 +129,17 @@ class Objective(Protocol):
         """The mean training loss of one batch (a scalar with a graph)."""
         ...
 
-    def evaluate(self, model: torch.nn.Module, indices: np.ndarray, batch_size: int) -> EvalResult:
-        """Scores of ``indices`` with the model as loaded (call under inference mode)."""
+    def inputs(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """What the model is given at test time for ``indices`` (``input_ids``, ``attention_mask``)."""
+        ...
+
+    def evaluate(
+        self, model: torch.nn.Module, indices: np.ndarray, batch_size: int, before_batch: BatchHook | None = None
+    ) -> EvalResult:
+        """Scores of ``indices`` with the model as loaded (call under inference mode).
+
+        ``before_batch`` is called with each batch's example indices before the model sees it.
+        """
         ...
 
 
@@ -141,12 +162,20 @@ class ClassificationObjective:
         loss: torch.Tensor = F.cross_entropy(logits, batch["labels"])
         return loss
 
-    def evaluate(self, model: torch.nn.Module, indices: np.ndarray, batch_size: int) -> EvalResult:
+    def inputs(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.corpus.batch(indices)
+
+    def evaluate(
+        self, model: torch.nn.Module, indices: np.ndarray, batch_size: int, before_batch: BatchHook | None = None
+    ) -> EvalResult:
         order = indices[np.argsort(self.corpus.lengths[indices], kind="stable")]
         correct = 0
         loss_sum = 0.0
         for start in range(0, len(order), batch_size):
-            batch = self.corpus.batch(order[start : start + batch_size])
+            chunk = order[start : start + batch_size]
+            if before_batch is not None:
+                before_batch(chunk)
+            batch = self.corpus.batch(chunk)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())

@@ -12,6 +12,7 @@ import pkgutil
 from fedlora.algorithms.base import (
     Algorithm,
     FederationContext,
+    InstanceWeighting,
     Options,
     Payload,
     Update,
@@ -29,6 +30,7 @@ for _info in pkgutil.iter_modules(__path__):
 __all__ = [
     "Algorithm",
     "FederationContext",
+    "InstanceWeighting",
     "Options",
     "Payload",
     "Update",

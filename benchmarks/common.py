@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts: run one configuration, summarize accuracies."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import load_config
+from fedlora.simulation import Simulation
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+    """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name`` (or read its existing summary)."""
+    out = out_root / name
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        summary: dict[str, Any] = json.loads(summary_file.read_text())
+        return summary
+    config = load_config(ROOT / "configs" / "default.toml", overrides)
+    config.run.name = name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(config.to_toml())
+    summary = Simulation(config, out).run()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    acc = summary["final"]["personalized_acc_mean"]
+    print(f"{name}: final personalized accuracy {acc:.4f} ({summary['wall_seconds']:.0f} s)", flush=True)
+    return summary
+
+
+def accuracies(summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """Final and best personalized accuracy (%), mean and population std over runs, and the best rounds."""
+    final = [100 * s["final"]["personalized_acc_mean"] for s in summaries]
+    best = [100 * s["best"]["row"]["personalized_acc_mean"] for s in summaries]
+    return {
+        "final_mean": statistics.mean(final),
+        "final_std": statistics.pstdev(final),
+        "best_mean": statistics.mean(best),
+        "best_std": statistics.pstdev(best),
+        "best_rounds": [int(s["best"]["round"]) for s in summaries],
+    }

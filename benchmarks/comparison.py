@@ -1,0 +1,151 @@
+"""The FedTreeLoRA paper's main table on our data (arXiv 2603.13282, Table 1 setting).
+
+MiniLM-L6, 20 clients, Dirichlet(0.5) label skew, rank 4 on query and value, frozen
+shared classification head; ``rotten_tomatoes`` and ``bbc_news``; 3 seeds. Methods:
+local, fedit, ffa, fedex, fedsa, feddpa, fedalt, fedlease, fedtreelora, plus a
+centralized reference (one client holding every client's training data, trained for the
+same total number of steps). Algorithms this build does not have are skipped with a
+message. Runs whose ``summary.json`` exists under ``--out`` are read back, not rerun.
+
+Columns: final and best personalized accuracy (mean ± std over seeds, with the rounds
+the best comes from), trainable parameters (% of the model), upload and download bytes
+per round (all clients together), and the paper's GLUE average (RoBERTa-large) beside.
+
+Full size (many hours on a CPU)::
+
+    python benchmarks/comparison.py --out runs/comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from common import accuracies, run_config
+from fedlora.algorithms import registry
+
+METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
+#: Average accuracy over MNLI/QNLI/SST-2/QQP reported by the FedTreeLoRA paper (RoBERTa-large).
+PAPER = {
+    "fedit": 87.20,
+    "fedsa": 90.04,
+    "feddpa": 90.19,
+    "fedalt": 90.06,
+    "fedlease": 91.19,
+    "fedtreelora": 92.36,
+}
+CENTRALIZED = "centralized"
+
+
+def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str) -> list[str]:
+    clients, max_train, max_test, steps = args.clients, args.max_train, args.max_test, args.steps
+    partition = "dirichlet"
+    if algorithm == CENTRALIZED:
+        # One client with every client's data cap, trained for the federation's total steps.
+        clients, max_train, max_test, steps = 1, clients * max_train, clients * max_test, clients * steps
+        partition, algorithm = "iid", "local"
+    return [
+        f"model.name='{args.model}'",
+        f"model.rank={args.rank}",
+        f"model.alpha={2.0 * args.rank}",
+        "model.head='frozen'",
+        "model.target_modules=['query', 'value']",
+        f"data.dataset='{dataset}'",
+        f"data.partition='{partition}'",
+        f"data.alpha={args.alpha}",
+        f"data.num_clients={clients}",
+        f"data.max_train_per_client={max_train}",
+        f"data.max_test_per_client={max_test}",
+        f"data.max_length={args.max_length}",
+        f"run.seed={seed}",
+        f"run.rounds={args.rounds}",
+        f"train.local_steps={steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        "eval.every=1",
+        f"algorithm.name='{algorithm}'",
+    ]
+
+
+def row(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    rounds = summaries[0]["rounds"]
+    return {
+        **accuracies(summaries),
+        "trainable_percent": statistics.mean(s["trainable_percent"] for s in summaries),
+        "bytes_up_per_round": statistics.mean(s["bytes_up_total"] for s in summaries) / rounds,
+        "bytes_down_per_round": statistics.mean(s["bytes_down_total"] for s in summaries) / rounds,
+    }
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines: list[str] = []
+    for dataset, rows in table.items():
+        lines += [
+            f"### {dataset}",
+            "",
+            "| method | final acc (%) | best acc (%) [rounds] | trainable (%) "
+            "| up / round | down / round | paper (GLUE avg) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, r in rows.items():
+            paper = f"{PAPER[method]:.2f}" if method in PAPER else ""
+            lines.append(
+                f"| {method} | {r['final_mean']:.2f} ± {r['final_std']:.2f} "
+                f"| {r['best_mean']:.2f} ± {r['best_std']:.2f} {r['best_rounds']} "
+                f"| {r['trainable_percent']:.3f} | {r['bytes_up_per_round'] / 1e6:.3f} MB "
+                f"| {r['bytes_down_per_round'] / 1e6:.3f} MB | {paper} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/comparison")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=[*METHODS, CENTRALIZED])
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--datasets", type=lambda s: s.split(","), default=["rotten_tomatoes", "bbc_news"])
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--steps", type=int, default=8, help="local steps per round")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
+    p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
+    p.add_argument("--max-length", type=int, default=64)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    available = set(registry())
+    methods = []
+    for method in args.methods:
+        if method != CENTRALIZED and method not in available:
+            print(f"skipping {method}: no such algorithm in this build (available: {', '.join(sorted(available))})")
+            continue
+        methods.append(method)
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for dataset in args.datasets:
+        for method in methods:
+            summaries = [
+                run_config(out, f"{dataset}_{method}_s{seed}", overrides(args, dataset, seed, method))
+                for seed in args.seeds
+            ]
+            table.setdefault(dataset, {})[method] = row(summaries)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
+    text = markdown(table)
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Heterogeneous LoRA ranks: FedHL against the heterogeneous-rank baselines on real data.
+
+Every client gets a rank from ``--ranks`` (round-robin), data split by Dirichlet(alpha)
+label skew. Methods: ``fedit`` at the smallest rank (the homogeneous reference),
+``zeropad``, ``hetlora``, ``flexlora``, ``flora`` and ``fedhl`` with each weight variant,
+plus the two references of every comparison: ``local`` (no communication) and
+``centralized`` (one client holding all the training data, same steps in total).
+Settings: (a) cross-silo, 10 clients, all participate; (b) cross-device, 50 clients,
+20% per round. Reported: the final round's global accuracy (union of the clients' test
+splits) and personalized accuracy (mean over clients), mean +- std over seeds.
+
+Full benchmark (many hours on 2 CPU cores)::
+
+    python benchmarks/hetero_ranks.py --out runs/hetero_ranks
+
+Reduced run reported in docs/results.md (run B)::
+
+    python benchmarks/hetero_ranks.py --datasets rotten_tomatoes --seeds 0 --settings cross_silo \\
+        --rounds 4 --steps 5 --batch-size 8 --lr 1e-2 --max-train 100 --max-test 30 --max-length 32 \\
+        --eval-every 4 --methods fedit@min,fedhl:optimal,flexlora,hetlora,zeropad,flora \\
+        --out runs/hetero_reduced_lr1e-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import load_config
+from fedlora.simulation import Simulation
+
+ROOT = Path(__file__).parent.parent
+
+FEDHL_WEIGHTINGS = ("optimal", "optimal_paper", "uniform", "examples", "optimal_examples")
+ALL_METHODS = "centralized,local,fedit@min,zeropad,hetlora,flexlora,flora," + ",".join(
+    f"fedhl:{w}" for w in FEDHL_WEIGHTINGS
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    num_clients: int
+    fraction: float
+
+
+SETTINGS = {
+    "cross_silo": Setting("cross_silo", 10, 1.0),
+    "cross_device": Setting("cross_device", 50, 0.2),
+}
+
+
+def method_overrides(method: str, ranks: list[int], setting: Setting, steps: int) -> list[str]:
+    """Config overrides of one method label (``fedit@min``, ``fedhl:optimal``, ``centralized``...)."""
+    hetero = [f"model.ranks={ranks}", "model.rank_assignment='round_robin'"]
+    if method == "fedit@min":
+        return ["algorithm.name='fedit'", f"model.rank={min(ranks)}"]
+    if method == "centralized":
+        # One client with every client's data; as many steps per round as the federation takes.
+        clients_per_round = max(1, round(setting.fraction * setting.num_clients))
+        return [
+            "algorithm.name='local'",
+            f"model.rank={max(ranks)}",
+            "data.num_clients=1",
+            "federation.fraction=1.0",
+            f"train.local_steps={steps * clients_per_round}",
+        ]
+    if method.startswith("fedhl:"):
+        return ["algorithm.name='fedhl'", f"algorithm.weighting='{method.split(':', 1)[1]}'", *hetero]
+    return [f"algorithm.name='{method}'", *hetero]
+
+
+def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: str, seed: int) -> dict[str, Any]:
+    overrides = [
+        f"model.name='{args.model}'",
+        f"data.dataset='{dataset}'",
+        f"data.alpha={args.alpha}",
+        f"data.num_clients={setting.num_clients}",
+        f"data.max_train_per_client={args.max_train}",
+        f"data.max_test_per_client={args.max_test}",
+        f"data.max_length={args.max_length}",
+        f"federation.fraction={setting.fraction}",
+        f"run.rounds={args.rounds}",
+        f"run.seed={seed}",
+        f"train.local_steps={args.steps}",
+        f"train.lr={args.lr}",
+        f"train.batch_size={args.batch_size}",
+        f"eval.every={args.eval_every}",
+    ]
+    overrides += method_overrides(method, args.ranks, setting, args.steps)
+    if method == "centralized":
+        overrides.append(f"data.max_train_per_client={args.max_train * setting.num_clients}")
+        overrides.append(f"data.max_test_per_client={args.max_test * setting.num_clients}")
+    config = load_config(ROOT / "configs" / "default.toml", overrides)
+    out = Path(args.out) / dataset / setting.name / method.replace(":", "_").replace("@", "_") / f"s{seed}"
+    start = time.perf_counter()
+    summary = Simulation(config, out).run()
+    final = summary["final"]
+    global_acc = final["global_acc"]
+    if method in ("centralized", "local"):  # one model per client: the personalized figure is the result
+        global_acc = global_acc if global_acc is not None else final["personalized_acc_weighted"]
+    return {
+        "dataset": dataset,
+        "setting": setting.name,
+        "method": method,
+        "seed": seed,
+        "global_acc": global_acc,
+        "personalized_acc": final["personalized_acc_mean"],
+        "best_round": summary["best"]["round"] if summary["best"] else None,
+        "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per (dataset, setting, method), accuracies in % (mean ± std over seeds)."""
+    lines = [
+        "| dataset | setting | method | global acc % | personalized acc % | MB moved | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = list(dict.fromkeys((r["dataset"], r["setting"], r["method"]) for r in rows))
+    for dataset, setting, method in keys:
+        group = [r for r in rows if (r["dataset"], r["setting"], r["method"]) == (dataset, setting, method)]
+        glob = [r["global_acc"] for r in group if r["global_acc"] is not None]
+        pers = [r["personalized_acc"] for r in group]
+        mb = statistics.mean(r["bytes_total"] for r in group) / 1e6
+        lines.append(
+            f"| {dataset} | {setting} | {method} | {mean_std(glob)} | {mean_std(pers)} | {mb:.1f} | {len(group)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--datasets", default="rotten_tomatoes,bbc_news")
+    parser.add_argument("--settings", default="cross_silo,cross_device", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--methods", default=ALL_METHODS)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ranks", default="2,4,8,16")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=8, help="local steps per round")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-train", type=int, default=200, help="training examples per client")
+    parser.add_argument("--max-test", type=int, default=100, help="test examples per client")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--out", default="runs/hetero_ranks")
+    args = parser.parse_args()
+    args.ranks = [int(r) for r in args.ranks.split(",")]
+    rows: list[dict[str, Any]] = []
+    for dataset in args.datasets.split(","):
+        for setting_name in args.settings.split(","):
+            for method in args.methods.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    row = run_one(args, dataset, SETTINGS[setting_name], method, seed)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.md").write_text(table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""zeropad: naive heterogeneous-rank LoRA, zero-padded factor averaging.
+
+The baseline the heterogeneous-rank papers compare against (called HeteroLoRA or
+zero-padding in HetLoRA, arXiv 2401.06432, and FlexLoRA, arXiv 2402.11505). The server
+keeps factors at rank ``r_max = max_k r_k`` (seeded standard init, nested: the first
+``r`` rows of the rank-``r_max`` init are the rank-``r`` init). Client ``k`` gets the
+first ``r_k`` rows of ``A`` and columns of ``B`` and trains them with scaling
+``s_k = alpha / r_k``; uploads are zero-padded back to ``r_max`` and averaged factor-wise,
+so components a client does not hold are pulled towards zero by its weight.
+
+The global model is the rank-``r_max`` LoRA with scaling ``alpha / r_max``.
+
+Options
+-------
+weighting : "examples" (default, ``q_k = n_k / sum n`` over the round's participants) or "uniform"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from fedlora.algorithms.base import (
+    Algorithm,
+    FederationContext,
+    Options,
+    Payload,
+    Tensors,
+    Update,
+    register,
+    weighted_mean,
+)
+from fedlora.errors import FedLoraError
+from fedlora.lora import Layout, ModuleLayout, SlotSpec, init_state, parse_key
+
+
+@dataclass
+class ZeroPadOptions(Options):
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("examples", "uniform"):
+            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
+
+
+def pad_factor(key: str, value: torch.Tensor, r_max: int) -> torch.Tensor:
+    """Zero-pad a rank-r factor to rank ``r_max`` (rows of ``A``, columns of ``B``)."""
+    factor = parse_key(key).factor
+    if factor == "A":
+        return F.pad(value.float(), (0, 0, 0, r_max - value.shape[0]))
+    return F.pad(value.float(), (0, r_max - value.shape[1]))
+
+
+def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
+    """The first ``rank`` components of a factor (rows of ``A``, columns of ``B``)."""
+    return value[:rank] if parse_key(key).factor == "A" else value[:, :rank]
+
+
+@register
+class ZeroPad(Algorithm):
+    name = "zeropad"
+    description = "zero-padding: server factors at r_max, clients take the leading r_k, padded factor-wise mean"
+    options_class: ClassVar[type[Options]] = ZeroPadOptions
+    options: ZeroPadOptions
+
+    def __init__(self, ctx: FederationContext, options: Options) -> None:
+        super().__init__(ctx, options)
+        self.r_max = max(ctx.ranks.values())
+        self._layouts: dict[int, Layout] = {}
+        layout = self.layout(self.r_max)
+        init = init_state(layout, ctx.module_shapes, ctx.seed)
+        self.global_lora: Tensors = {k: init[k] for k in layout.trainable_keys()}
+
+    def layout(self, rank: int) -> Layout:
+        if rank not in self._layouts:
+            spec = SlotSpec("lora", rank, self.ctx.alpha)
+            self._layouts[rank] = Layout.uniform(self.ctx.module_ids, ModuleLayout(slots=(spec,)))
+        return self._layouts[rank]
+
+    def client_rank(self, client: int) -> int:
+        return self.ctx.ranks[client]
+
+    def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        payloads: dict[int, Payload] = {}
+        for c in clients:
+            rank = self.client_rank(c)
+            tensors = {k: truncate_factor(k, v, rank) for k, v in self.global_lora.items()}
+            payloads[c] = Payload(self.layout(rank), tensors)
+        return payloads
+
+    def padded(self, updates: Mapping[int, Update]) -> dict[int, Tensors]:
+        return {c: {k: pad_factor(k, v, self.r_max) for k, v in u.tensors.items()} for c, u in updates.items()}
+
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
+        if not updates:
+            return
+        weights = self.weights(sorted(updates), self.options.weighting)
+        self.global_lora = weighted_mean(self.padded(updates), weights)
+
+    def global_payload(self) -> Payload:
+        return Payload(self.layout(self.r_max), self.global_lora)
+
+    def structure(self) -> dict[str, Any]:
+        return {"ranks": {str(c): r for c, r in self.ctx.ranks.items()}}
+
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        return dict(self.global_lora), {}
+
+    def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
+        self.global_lora = dict(tensors)
