@@ -87,7 +87,7 @@ def check_disjoint(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def test_catalog_lists_shipped_sets_and_user_forms() -> None:
-    assert set(DATASET_CATALOG) == {"rotten_tomatoes", "bbc_news"}
+    assert set(DATASET_CATALOG) == {"rotten_tomatoes", "bbc_news", "instruct_mix"}
     assert set(USER_DATASET_FORMS) == {"csv:<path>", "jsonl:<path>"}
     assert set(PARTITIONERS) == {"iid", "dirichlet", "pathological", "natural"}
     assert all(isinstance(v, str) and v for v in [*DATASET_CATALOG.values(), *PARTITIONERS.values()])

@@ -11,11 +11,13 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fedlora.algorithms import registry
+from fedlora.algorithms import Update, registry
 from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.flower.simulate import simulate
-from fedlora.flower.wire import from_record, record_bytes, to_record
+from fedlora.flower.wire import from_record, read_reply, record_bytes, reply_content, to_record
+from fedlora.simulation import ClientOutcome
+from fedlora.tasks import EvalResult
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -48,6 +50,27 @@ def test_records_are_exact_and_counted_without_framing() -> None:
     for key, value in tensors.items():
         assert torch.equal(back[key], value)
     assert record_bytes(record) == (4 * 32 + 2) * 4
+
+
+def test_a_reply_carries_the_whole_evaluation() -> None:
+    # A generation client's result: ROUGE sums, per-group sums, samples and FedDPA's weights.
+    result = EvalResult(
+        correct=1.25,
+        loss_sum=3.5,
+        n=2,
+        metric_sums={"rouge1": 1.25, "exact_match": 1.0},
+        groups={"topic": {"n": 2.0, "rouge1": 1.25, "exact_match": 1.0}},
+        samples=[{"prediction": "sport", "reference": "sport"}],
+        slot_weight_sums={"local": 0.75},
+    )
+    update = Update({"layers.0.query.lora.A": torch.ones(2, 3)}, 7, {"train_loss": 0.5})
+    row = {"round": 1, "client": 2, "acc": 0.625, "bytes_up": 0}
+    outcome = ClientOutcome(update, {}, {"private.x": torch.zeros(1)}, row, result, 6)
+    back = read_reply(reply_content(outcome))
+    assert back.result == result
+    assert back.private == {} and back.trainable_params == 6
+    assert back.update.num_examples == 7 and back.update.metrics == {"train_loss": 0.5}
+    assert back.row == {**row, "bytes_up": 2 * 3 * 4}
 
 
 ALGORITHMS = sorted(registry())

@@ -140,14 +140,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    from fedlora.report import metric_label
+
     final = summary["final"] or {}
     acc = final.get("personalized_acc_mean")
     glob = final.get("global_acc")
+    label = metric_label(summary)
     parts = [f"{summary['algorithm']}: {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s"]
     if acc is not None:
-        parts.append(f"personalized acc {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+        parts.append(f"personalized {label} {acc:.4f} ± {final['personalized_acc_std']:.4f}")
     if glob is not None:
-        parts.append(f"global acc {glob:.4f}")
+        parts.append(f"global {label} {glob:.4f}")
     print("; ".join(parts))
     print(f"run directory: {run_dir}")
 

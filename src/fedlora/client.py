@@ -3,7 +3,8 @@
 The runtime keeps a single :class:`~fedlora.lora.LoraModel` in memory. For each client
 it calls :meth:`ClientRunner.load` (layout, seeded defaults, private state, payload),
 :meth:`ClientRunner.train` (AdamW over the layout's trainable tensors), then reads the
-trained tensors back with :meth:`ClientRunner.trained_state`. The loop is plain PyTorch.
+trained tensors back with :meth:`ClientRunner.trained_state`. The loop is plain PyTorch;
+the loss and the evaluation come from the task's :class:`~fedlora.tasks.Objective`.
 """
 
 from __future__ import annotations
@@ -12,44 +13,21 @@ import fnmatch
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from fedlora.algorithms.base import Payload, Tensors
 from fedlora.config import TrainConfig
-from fedlora.data import TokenizedCorpus
 from fedlora.lora import LoraModel, init_state
+from fedlora.tasks import EvalResult, Objective
+
+__all__ = ["ClientRunner", "EvalResult", "derive_seed"]
 
 
 def derive_seed(*parts: object) -> int:
     """A stable 31-bit seed from any parts (run seed, round, client, purpose)."""
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class EvalResult:
-    """Sums over a client's evaluation examples (so they can be pooled exactly)."""
-
-    correct: int
-    loss_sum: float
-    n: int
-    #: Sum over the examples of each instance-weighted slot's weight (see ``Payload.instance_weighting``).
-    slot_weight_sums: dict[str, float] = field(default_factory=dict)
-
-    def slot_weight_means(self) -> dict[str, float]:
-        """Mean test-time weight of each instance-weighted slot, keyed ``weight_<slot>``."""
-        return {f"weight_{slot}": total / self.n for slot, total in self.slot_weight_sums.items() if self.n}
-
-    @property
-    def acc(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.n if self.n else float("nan")
 
 
 class ClientRunner:
@@ -59,8 +37,8 @@ class ClientRunner:
     ----------
     lora_model
         The one model, with LoRA injected.
-    corpus
-        Every example of the run, tokenized once.
+    objective
+        The task's loss and evaluation over the run's examples (tokenized once).
     train
         Local training settings.
     seed
@@ -74,14 +52,14 @@ class ClientRunner:
     def __init__(
         self,
         lora_model: LoraModel,
-        corpus: TokenizedCorpus,
+        objective: Objective,
         train: TrainConfig,
         seed: int,
         head_init: Tensors,
         head_trainable: bool,
     ) -> None:
         self.lora_model = lora_model
-        self.corpus = corpus
+        self.objective = objective
         self.train_config = train
         self.seed = seed
         self.head_init = head_init
@@ -151,9 +129,7 @@ class ClientRunner:
         model.train()
         losses: list[float] = []
         for batch_idx in self.batches(indices, seed):
-            batch = self.corpus.batch(batch_idx)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits, batch["labels"])
+            loss = self.objective.train_loss(model, batch_idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -175,41 +151,38 @@ class ClientRunner:
     def evaluate(
         self, indices: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray | None = None
     ) -> EvalResult:
-        """Accuracy and loss sums on ``indices`` with the model as loaded.
+        """The task's scores and loss sums on ``indices`` with the model as loaded.
 
         ``reference`` (the client's training examples) is needed when the payload weights
-        slots per instance: their mean pooled feature is what each input is compared with.
+        slots per instance: each test input (what the model sees at test time: the text,
+        or the prompt for generation) is compared with their mean pooled feature.
         """
         idx = np.asarray(indices)
         if len(idx) == 0:
             return EvalResult(0, 0.0, 0)
-        order = idx[np.argsort(self.corpus.lengths[idx], kind="stable")]
         bs = self.train_config.eval_batch_size
         weighting = self._payload.instance_weighting if self._payload is not None else None
-        mean_feature = None
+        before_batch = None
+        weight_sums: dict[str, float] = {}
         if weighting is not None:
             if reference is None or len(reference) == 0:
                 raise RuntimeError("instance-weighted evaluation needs the client's training examples as reference")
             ref = np.asarray(reference)
+            inputs = self.objective.inputs
             mean_feature = torch.cat(
-                [self.pooled_features(self.corpus.batch(ref[i : i + bs])) for i in range(0, len(ref), bs)]
+                [self.pooled_features(inputs(ref[i : i + bs])) for i in range(0, len(ref), bs)]
             ).mean(0)
-        model = self.lora_model.model
-        model.eval()
-        correct = 0
-        loss_sum = 0.0
-        weight_sums: dict[str, float] = {}
-        for start in range(0, len(order), bs):
-            batch = self.corpus.batch(order[start : start + bs])
-            if weighting is not None and mean_feature is not None:
-                weights = weighting.slot_weights(self.pooled_features(batch), mean_feature)
+
+            def before_batch(chunk: np.ndarray) -> None:
+                weights = weighting.slot_weights(self.pooled_features(inputs(chunk)), mean_feature)
                 self.lora_model.set_instance_weights(weights)
                 for slot, w in weights.items():
                     weight_sums[slot] = weight_sums.get(slot, 0.0) + float(w.sum())
-            try:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            finally:
-                self.lora_model.set_instance_weights(None)
-            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        return EvalResult(correct, loss_sum, len(order), weight_sums)
+
+        self.lora_model.model.eval()
+        try:
+            result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
+        finally:
+            self.lora_model.set_instance_weights(None)
+        result.slot_weight_sums = weight_sums
+        return result

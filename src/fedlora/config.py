@@ -73,6 +73,7 @@ class FederationConfig:
 @dataclass
 class EvalConfig:
     every: int = 1
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -192,6 +193,7 @@ def validate(config: Config) -> None:
             "of the round's median update norm, e.g. 3",
         ),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 = never evaluate)"),
+        (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 (tokens generated per answer)"),
     ]
     for ok, message in checks:
         if not ok:

