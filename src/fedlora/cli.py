@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: run, compare, list, report, export.
+"""The ``fedlora`` command: run, compare, list, report, export, flower.
 
 Every mistake a user can make (config, files, names, shapes) ends in one line on stderr
 and exit code 2, never a traceback.
@@ -278,6 +278,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower() -> Any:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise FedLoraError("Flower is not installed; pip install 'fedlora[flower]'") from None
+    import fedlora.flower
+
+    return fedlora.flower
+
+
+def cmd_flower_simulate(args: argparse.Namespace) -> int:
+    _flower()
+    from fedlora.flower.simulate import simulate
+
+    config = _load(args)
+    run_dir = _run_dir(config, args.out, suffix="_flower")
+    _prepare_dir(run_dir, args.overwrite)
+    simulate([(config, run_dir)], cpus_per_client=args.cpus_per_client)
+    _print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+    return 0
+
+
+def cmd_flower_certs(args: argparse.Namespace) -> int:
+    _flower()
+    from fedlora.flower.certs import make_certificates
+
+    certs = make_certificates(Path(args.dir), hosts=args.host or ["127.0.0.1", "localhost"], days=args.days)
+    for path in (certs.ca_cert, certs.ca_key, certs.server_cert, certs.server_key):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning of transformers with LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--merged", action="store_true", help="write the merged model (transformers save_pretrained)")
     form.add_argument("--rank", type=int, default=None, help="write a peft LoRA of this rank (truncated SVD)")
     p_exp.set_defaults(func=cmd_export)
+
+    p_fl = sub.add_parser("flower", help="run on Flower (pip install 'fedlora[flower]'; see docs/deploy.md)")
+    fl = p_fl.add_subparsers(dest="flower_command", required=True)
+    p_sim = fl.add_parser("simulate", help="run a config through Flower's simulation engine (one SuperNode per client)")
+    config_args(p_sim, required=True)
+    p_sim.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per ClientApp")
+    p_sim.set_defaults(func=cmd_flower_simulate)
+    p_certs = fl.add_parser("certs", help="write a self-signed CA and SuperLink certificate (for trials and tests)")
+    p_certs.add_argument("dir", help="directory to write ca.crt, ca.key, server.pem, server.key")
+    p_certs.add_argument(
+        "--host", action="append", help="SuperLink IP or DNS name the certificate is valid for (repeatable)"
+    )
+    p_certs.add_argument("--days", type=int, default=365, help="validity in days")
+    p_certs.set_defaults(func=cmd_flower_certs)
     return parser
 
 

@@ -174,6 +174,20 @@ class ClientOutcome:
     trainable_params: int
 
 
+@dataclass
+class ClientFailure:
+    """Why a client's round produced no update: an exception, no reply, or a rejected update."""
+
+    error: str
+    """The exception type (``RejectedUpdate`` for a failed validation, ``NoReply`` for silence)."""
+    message: str
+    exception: BaseException | None = None
+
+    def record(self) -> dict[str, str]:
+        """The ``error`` and ``message`` fields of a failure row."""
+        return {"error": self.error, "message": self.message}
+
+
 def client_round(
     fed: Federation,
     rnd: int,
@@ -306,6 +320,27 @@ class Simulation:
             self.on_progress(rnd, None)
         return aggregate
 
+    def run_clients(
+        self, rnd: int, payloads: Mapping[int, Payload], head_payload: Tensors, evaluate: bool
+    ) -> dict[int, ClientOutcome | ClientFailure]:
+        """Every sampled client's round, here in this process, one after the other.
+
+        This is what a runtime changes (the Flower server sends the payloads to its nodes
+        instead); a client's exception becomes its :class:`ClientFailure`. Validation,
+        retries and aggregation stay with the caller.
+        """
+        results: dict[int, ClientOutcome | ClientFailure] = {}
+        for cid, payload in payloads.items():
+            try:
+                results[cid] = client_round(self.fed, rnd, cid, payload, self.store.get(cid), head_payload, evaluate)
+            except Exception as exc:  # any fault of one client drops that client only
+                results[cid] = ClientFailure(type(exc).__name__, str(exc), exc)
+                if self.config.federation.on_client_error == "fail":
+                    break  # the run stops at this client; the rest need not train
+            if self.on_progress:
+                self.on_progress(rnd, cid)
+        return results
+
     def _run_clients(
         self, rnd: int, clients: Sequence[int], evaluate: bool, attempt: int, failures: list[dict[str, Any]]
     ) -> tuple[dict[int, ClientOutcome], dict[int, Tensors]]:
@@ -318,41 +353,45 @@ class Simulation:
         payloads = fed.algorithm.configure(rnd, clients)
         head_payload = fed.head.payload()
         head_shapes = {k: tuple(v.shape) for k, v in head_payload.items()}
+        results = self.run_clients(rnd, payloads, head_payload, evaluate)
         outcomes: dict[int, ClientOutcome] = {}
         references: dict[int, Tensors] = {}
-        for cid in clients:
+        for cid in clients:  # the sampled order, whatever order the results came in
             payload = payloads[cid]
-            private = self.store.get(cid)
-            try:
-                outcome = client_round(fed, rnd, cid, payload, private, head_payload, evaluate)
-                problem = update_problem(
-                    {**outcome.update.tensors, **outcome.head_upload},
-                    expected_upload(payload, fed.ctx.module_shapes, head_shapes),
-                )
-                bad_private = non_finite_keys(outcome.private)
-                if problem is None and bad_private:
-                    problem = f"non-finite values (NaN or Inf) in the private state {bad_private[:3]}"
-                failure = None if problem is None else {"error": "RejectedUpdate", "message": problem}
-            except Exception as exc:  # any fault of one client drops that client only
+            result = results.get(cid, ClientFailure("NoResult", "the runtime returned nothing for this client"))
+            if isinstance(result, ClientFailure):
                 if self.config.federation.on_client_error == "fail":
                     raise FedLoraError(
-                        f"client {cid} failed in round {rnd}: {type(exc).__name__}: {exc}; set "
+                        f"client {cid} failed in round {rnd}: {result.error}: {result.message}; set "
                         "federation.on_client_error = 'skip' to drop a failing client's update and continue"
-                    ) from exc
-                failure = {"error": type(exc).__name__, "message": str(exc)}
-            if failure is not None:
+                    ) from result.exception
+                failures.append({"round": rnd, "client": cid, "attempt": attempt, **result.record()})
+                continue
+            problem = update_problem(
+                {**result.update.tensors, **result.head_upload},
+                expected_upload(payload, fed.ctx.module_shapes, head_shapes),
+            )
+            bad_private = non_finite_keys(result.private)
+            if problem is None and bad_private:
+                problem = f"non-finite values (NaN or Inf) in the private state {bad_private[:3]}"
+            if problem is not None:
                 if self.config.federation.on_client_error == "fail":
                     raise FedLoraError(
-                        f"client {cid}'s update in round {rnd} was rejected: {failure['message']}; set "
+                        f"client {cid}'s update in round {rnd} was rejected: {problem}; set "
                         "federation.on_client_error = 'skip' to drop rejected updates and continue"
                     )
-                failures.append({"round": rnd, "client": cid, "attempt": attempt, **failure})
-            else:
-                outcomes[cid] = outcome
-                if self.config.federation.clip_update_norm > 0:
-                    references[cid] = self._reference(outcome, payload, private, head_payload)
-            if self.on_progress:
-                self.on_progress(rnd, cid)
+                failures.append(
+                    {
+                        "round": rnd,
+                        "client": cid,
+                        "attempt": attempt,
+                        **ClientFailure("RejectedUpdate", problem).record(),
+                    }
+                )
+                continue
+            outcomes[cid] = result
+            if self.config.federation.clip_update_norm > 0:
+                references[cid] = self._reference(result, payload, self.store.get(cid), head_payload)
         return outcomes, references
 
     def _reference(self, outcome: ClientOutcome, payload: Payload, private: Tensors, head: Tensors) -> Tensors:

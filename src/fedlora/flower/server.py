@@ -1,0 +1,218 @@
+"""The fedlora ServerApp: the simulator's round loop, with clients reached through a Flower Grid.
+
+:class:`FlowerRun` is a :class:`~fedlora.simulation.Simulation` whose
+:meth:`~fedlora.simulation.Simulation.run_clients` sends each sampled client its own
+payload as a message and reads the replies; sampling, ``configure``, ``aggregate``, the
+head policy, global evaluation, metrics, checkpoints and ``summary.json`` are the
+simulator's own code. So a run writes the same output contract, and the same config and
+seed give the same metrics in both runtimes.
+
+Flower node ids are mapped to fedlora client ids explicitly: the server asks every node
+which partition it serves (``query.fedlora_partition``) and sends client ``c``'s round to
+the node that answered ``c``. A client that does not reply (its node died, or the round
+timed out) is logged and recorded under the round's ``failures``; the others are
+aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.algorithms import Payload
+from fedlora.algorithms.base import Tensors
+from fedlora.config import Config, load_config
+from fedlora.errors import FedLoraError
+from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, record_bytes, train_content
+from fedlora.simulation import ClientFailure, ClientOutcome, Simulation
+
+#: Flower's own logger, so that fedlora's lines appear among Flower's.
+log = logging.getLogger("flwr")
+
+#: Seconds between two pulls of replies from the SuperLink.
+PULL_INTERVAL = 0.05
+
+
+@dataclass
+class ServerOptions:
+    """How the server waits for nodes and replies.
+
+    Attributes
+    ----------
+    round_timeout
+        Seconds to wait for a round's replies; clients that have not replied by then are
+        left out of the round (0: wait for every reply or error).
+    node_wait
+        Seconds to wait at the start for one node per client; after that the run goes on
+        with the nodes that came (at least ``federation.min_clients``).
+    """
+
+    round_timeout: float = 0.0
+    node_wait: float = 120.0
+
+
+class FlowerRun(Simulation):
+    """A fedlora run whose clients are Flower SuperNodes."""
+
+    def __init__(self, config: Config, out_dir: Path, grid: Grid, options: ServerOptions) -> None:
+        super().__init__(config, out_dir)
+        self.grid = grid
+        self.options = options
+        self.config_toml = config.to_toml()
+        #: fedlora client id -> Flower node id
+        self.nodes: dict[int, int] = {}
+
+    # --- nodes ------------------------------------------------------------------------
+    def map_new_nodes(self) -> None:
+        """Ask every node not yet mapped which fedlora client it is."""
+        known = set(self.nodes.values())
+        new = [n for n in self.grid.get_node_ids() if n not in known]
+        if not new:
+            return
+        queries = [Message(RecordDict({"q": ConfigRecord()}), dst_node_id=n, message_type=QUERY_PARTITION) for n in new]
+        for reply in self._exchange(queries, timeout=30.0).values():
+            if reply.has_error():
+                continue
+            cid = as_int(reply.content.config_records["partition"]["partition-id"])
+            node = reply.metadata.src_node_id
+            if cid not in self.fed.client_ids:
+                log.warning("node %d serves partition %d, which this federation does not have; ignored", node, cid)
+                continue
+            if cid in self.nodes and self.nodes[cid] != node:
+                log.warning("client %d moved from node %d to node %d", cid, self.nodes[cid], node)
+            self.nodes[cid] = node
+
+    def connect(self) -> None:
+        """Wait until every client has a node (or ``node_wait`` passed with enough of them)."""
+        want = len(self.fed.client_ids)
+        deadline = time.monotonic() + self.options.node_wait
+        while True:
+            self.map_new_nodes()
+            if len(self.nodes) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if len(self.nodes) < self.config.federation.min_clients:
+            raise FedLoraError(
+                f"only {len(self.nodes)} of {want} clients connected within {self.options.node_wait:.0f} s "
+                f"(federation.min_clients = {self.config.federation.min_clients}); start one SuperNode per client "
+                'with --node-config "partition-id=<i> num-partitions=<N>"'
+            )
+        missing = sorted(set(self.fed.client_ids) - set(self.nodes))
+        if missing:
+            log.warning("clients %s have no node; they will be left out of the rounds they are sampled in", missing)
+
+    # --- one round --------------------------------------------------------------------
+    def run_clients(
+        self, rnd: int, payloads: Mapping[int, Payload], head_payload: Tensors, evaluate: bool
+    ) -> dict[int, ClientOutcome | ClientFailure]:
+        """Send each client its payload; collect the replies that come back.
+
+        A client without a node, without a reply in time, or whose reply is an error gets a
+        :class:`~fedlora.simulation.ClientFailure` (``NoNode``, ``NoReply``, ``ClientError``),
+        which the round records under ``failures``.
+        """
+        self.map_new_nodes()
+        messages: list[Message] = []
+        sent: dict[int, int] = {}  # client -> bytes down
+        outcomes: dict[int, ClientOutcome | ClientFailure] = {}
+        for cid, payload in payloads.items():
+            node = self.nodes.get(cid)
+            if node is None:
+                log.warning("round %d: client %d has no node; left out", rnd, cid)
+                outcomes[cid] = ClientFailure("NoNode", "no Flower node serves this client")
+                continue
+            content = train_content(self.config_toml, rnd, cid, payload, head_payload, evaluate)
+            down = payload.wire_bytes
+            if down is None:
+                down = record_bytes(content.array_records["payload"])
+            if payload.upload:
+                down += record_bytes(content.array_records["head"])
+            sent[cid] = down
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)))
+        replies = self._exchange(messages, timeout=self.options.round_timeout or None)
+        node_to_client = {node: cid for cid, node in self.nodes.items()}
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            cid = node_to_client[node]
+            reply = replies.get(msg.metadata.message_id)
+            if reply is None:
+                log.warning("round %d: client %d (node %d) did not reply in time; left out", rnd, cid, node)
+                outcomes[cid] = ClientFailure("NoReply", f"node {node} did not reply (it died or the round timed out)")
+            elif reply.has_error():
+                log.warning("round %d: client %d (node %d) failed: %s; left out", rnd, cid, node, reply.error.reason)
+                outcomes[cid] = ClientFailure("ClientError", f"node {node}: {reply.error.reason}")
+            else:
+                outcome = read_reply(reply.content)
+                outcome.row["bytes_down"] = sent[cid]
+                outcomes[cid] = outcome
+        return outcomes
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:
+        """Push messages and pull their replies (keyed by the id of the message they answer)."""
+        if not messages:
+            return {}
+        pending = {i for i in self.grid.push_messages(messages) if i}
+        replies: dict[str, Message] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending and (deadline is None or time.monotonic() < deadline):
+            for reply in self.grid.pull_messages(pending):
+                replies[reply.metadata.reply_to_message_id] = reply
+                pending.discard(reply.metadata.reply_to_message_id)
+            if pending:
+                time.sleep(PULL_INTERVAL)
+        return replies
+
+
+def run_flower(grid: Grid, config: Config, out_dir: Path, options: ServerOptions) -> None:
+    """The whole run on a Grid: connect, rounds, summary and plots."""
+    from fedlora.report import draw_run
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config.to_toml())
+    run = FlowerRun(config, out_dir, grid, options)
+    run.connect()
+    summary = run.run()
+    draw_run(out_dir)
+    log.info("fedlora: %s finished in %.1f s; outputs in %s", summary["algorithm"], summary["wall_seconds"], out_dir)
+
+
+def make_server_app(runs: Sequence[tuple[Config, Path]], options: ServerOptions | None = None) -> ServerApp:
+    """A ServerApp bound to configs, run one after the other on the same nodes.
+
+    For Flower's simulation engine driven from Python: several runs share one start of
+    the engine (the clients rebuild their federation when the config changes).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for config, out_dir in runs:
+            run_flower(grid, config, out_dir, options or ServerOptions())
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp of ``flwr run``: reads the run config keys ``config``, ``out``, ``set``,
+    ``round-timeout`` and ``node-wait`` (see docs/deploy.md)."""
+    rc = context.run_config
+    if not rc.get("config"):
+        raise FedLoraError("the run config has no 'config' (path of a fedlora TOML file); pass --run-config")
+    overrides = [s for s in str(rc.get("set", "")).split(";") if s.strip()]
+    config = load_config(Path(str(rc["config"])), overrides)
+    out = Path(str(rc.get("out") or Path(config.run.out) / f"{config.run.name}_{config.algorithm_name}_flower"))
+    options = ServerOptions(
+        round_timeout=as_float(rc.get("round-timeout", 0.0)),
+        node_wait=as_float(rc.get("node-wait", 120.0)),
+    )
+    run_flower(grid, config, out, options)
