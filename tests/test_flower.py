@@ -32,15 +32,20 @@ def rows(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def assert_same_metrics(sim: list[dict[str, Any]], flower: list[dict[str, Any]]) -> None:
-    assert len(sim) == len(flower)
-    for a, b in zip(sim, flower, strict=True):
-        assert a.keys() == b.keys()
-        for key, value in a.items():
-            if isinstance(value, float):
-                assert b[key] == pytest.approx(value, abs=1e-6), (key, a, b)
-            else:
-                assert b[key] == value, (key, a, b)
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure and values; floats to 1e-6 (Ray's workers may use other thread counts)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-6), where
+    else:
+        assert b == a, where
 
 
 def test_records_are_exact_and_counted_without_framing() -> None:
@@ -73,14 +78,41 @@ def test_a_reply_carries_the_whole_evaluation() -> None:
     assert back.row == {**row, "bytes_up": 2 * 3 * 4}
 
 
+def test_instance_weighting_crosses_the_wire_and_nothing_else_does() -> None:
+    from fedlora.algorithms.feddpa import SimilarityWeighting
+    from fedlora.errors import FedLoraError
+    from fedlora.flower.wire import weighting_from_json, weighting_to_json
+
+    back = weighting_from_json(weighting_to_json(SimilarityWeighting()))
+    assert isinstance(back, SimilarityWeighting)
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weights = back.slot_weights(features, torch.tensor([1.0, 0.0]))  # cos = 1 and 0
+    assert weights["local"].tolist() == [1.0, 0.5] and weights["global"].tolist() == [0.0, 0.5]
+    assert weighting_from_json(None) is None
+    with pytest.raises(FedLoraError, match="not a fedlora class"):
+        weighting_from_json({"class": "os:system", "fields": {}})
+    with pytest.raises(FedLoraError, match="not an InstanceWeighting"):
+        weighting_from_json({"class": "fedlora.config:Config", "fields": {}})
+
+
 ALGORITHMS = sorted(registry())
+#: Per algorithm, what makes two rounds exercise it: clustering after one warmup round, mixed ranks.
+EXTRA = {
+    "fedlease": ["algorithm.warmup=1"],
+    "fedtreelora": ["algorithm.warmup_rounds=1"],
+    **{name: ["model.ranks=[2,4]"] for name in ("zeropad", "hetlora", "flexlora", "flora", "fedhl")},
+}
+
+
+def overrides_for(algorithm: str) -> list[str]:
+    return [*TINY, f"algorithm.name='{algorithm}'", *EXTRA.get(algorithm, [])]
 
 
 @pytest.fixture(scope="module")
 def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every registered algorithm through Flower's simulation engine, on one start of it."""
     root = tmp_path_factory.mktemp("flower")
-    runs = [(load_config(SMOKE, [*TINY, f"algorithm.name='{name}'"]), root / name) for name in ALGORITHMS]
+    runs = [(load_config(SMOKE, overrides_for(name)), root / name) for name in ALGORITHMS]
     simulate(runs, parallel=2)
     return {name: root / name for name in ALGORITHMS}
 
@@ -89,13 +121,14 @@ def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, flower_runs: dict[str, Path]) -> None:
     sim_dir = tmp_path / "sim"
-    overrides = [a for o in [*TINY, f"algorithm.name='{algorithm}'"] for a in ("--set", o)]
+    overrides = [a for o in overrides_for(algorithm) for a in ("--set", o)]
     assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
     flower_dir = flower_runs[algorithm]
-    assert_same_metrics(rows(sim_dir), rows(flower_dir))
+    assert_same(rows(sim_dir), rows(flower_dir), "metrics")
     sim_summary = json.loads((sim_dir / "summary.json").read_text())
     flower_summary = json.loads((flower_dir / "summary.json").read_text())
     for key in ("bytes_up_total", "bytes_down_total", "trainable_params", "structure", "num_clients"):
-        assert flower_summary[key] == sim_summary[key]
+        assert_same(sim_summary[key], flower_summary[key], key)
     assert flower_summary["bytes_up_total"] > 0 or algorithm == "local"
+    assert flower_summary["failures"] == []
     assert (flower_dir / "plots" / "learning_curves.png").is_file()

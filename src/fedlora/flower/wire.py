@@ -5,14 +5,15 @@ A train message holds three records:
 ``fedlora``
     A ConfigRecord: the run config (TOML text; the client builds the same federation
     from it), the round, the fedlora client id, whether to evaluate, and the payload's
-    layout (``Layout.to_json``), upload patterns and ``wire_bytes`` as JSON strings.
+    layout (``Layout.to_json``), upload patterns, ``wire_bytes`` and the test-time
+    instance weighting (its fedlora class and fields) as JSON strings.
 ``payload``
     An ArrayRecord: the payload's tensors.
 ``head``
     An ArrayRecord: the head tensors of a federated head (empty otherwise).
 
 The reply holds ``update`` and ``head`` (ArrayRecords: the uploaded tensors) and
-``outcome`` (a ConfigRecord: the client's metrics row, its evaluation sums, its number
+``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluation, its number
 of training examples and update metrics). Bytes are counted from the arrays of these
 records (fp32 data, no framing), the same measure the simulator uses.
 """
@@ -20,6 +21,7 @@ records (fp32 data, no framing), the same measure the simulator uses.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.algorithms import Payload, Update
-from fedlora.algorithms.base import Tensors
+from fedlora.algorithms.base import InstanceWeighting, Tensors
+from fedlora.errors import FedLoraError
 from fedlora.lora import Layout
 from fedlora.simulation import ClientOutcome
 from fedlora.tasks import EvalResult
@@ -83,6 +86,28 @@ class TrainInstruction:
     head: Tensors
 
 
+def weighting_to_json(weighting: InstanceWeighting | None) -> dict[str, Any] | None:
+    """A payload's test-time weighting as its class path and fields (JSON values)."""
+    if weighting is None:
+        return None
+    cls = type(weighting)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": vars(weighting)}
+
+
+def weighting_from_json(data: dict[str, Any] | None) -> InstanceWeighting | None:
+    """Rebuild a weighting; only :class:`InstanceWeighting` subclasses inside fedlora are accepted."""
+    if data is None:
+        return None
+    module_name, _, qualname = str(data["class"]).partition(":")
+    if not module_name.startswith("fedlora."):
+        raise FedLoraError(f"instance weighting {data['class']!r} is not a fedlora class; refused")
+    cls = getattr(importlib.import_module(module_name), qualname, None)
+    if not (isinstance(cls, type) and issubclass(cls, InstanceWeighting)):
+        raise FedLoraError(f"{data['class']!r} is not an InstanceWeighting; refused")
+    weighting: InstanceWeighting = cls(**data["fields"])
+    return weighting
+
+
 def train_content(
     config_toml: str, rnd: int, client: int, payload: Payload, head: Tensors, evaluate: bool
 ) -> RecordDict:
@@ -96,6 +121,7 @@ def train_content(
             "layout": json.dumps(payload.layout.to_json()),
             "upload": json.dumps(list(payload.upload)),
             "wire_bytes": json.dumps(payload.wire_bytes),
+            "instance_weighting": json.dumps(weighting_to_json(payload.instance_weighting)),
         }
     )
     return RecordDict({"fedlora": meta, "payload": to_record(payload.tensors), "head": to_record(head)})
@@ -108,6 +134,7 @@ def read_train(content: RecordDict) -> TrainInstruction:
         tensors=from_record(content.array_records["payload"]),
         upload=tuple(json.loads(str(meta["upload"]))),
         wire_bytes=json.loads(str(meta["wire_bytes"])),
+        instance_weighting=weighting_from_json(json.loads(str(meta["instance_weighting"]))),
     )
     return TrainInstruction(
         config_toml=str(meta["config"]),
