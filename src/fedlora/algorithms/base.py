@@ -126,6 +126,20 @@ class Options:
     """Base of every algorithm's options dataclass (fields = the ``[algorithm]`` keys)."""
 
 
+@dataclass
+class WeightingOptions(Options):
+    """Options of a method that weights clients by ``examples`` (``q_k = n_k / sum n``) or ``uniform``.
+
+    Subclasses add their own fields and call ``super().__post_init__()``.
+    """
+
+    weighting: str = "examples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("examples", "uniform"):
+            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
+
+
 class Algorithm(ABC):
     """Base class of every federated algorithm.
 

@@ -34,10 +34,10 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
-from fedlora.algorithms.fedit import FedItOptions
 from fedlora.errors import FedLoraError
 from fedlora.lora import ROUTER_SLOT, Layout, ModuleLayout, SlotSpec, init_state, make_key, num_bytes, parse_key
 
@@ -59,8 +59,8 @@ class FedAlt(Algorithm):
     name = "fedalt"
     description = "FedALT: private local LoRA + frozen rest-of-world LoRA, mixed by a globally averaged router"
     paper = "arXiv 2503.11880"
-    options_class = FedItOptions
-    options: FedItOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)

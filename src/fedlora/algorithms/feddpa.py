@@ -44,6 +44,7 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
@@ -55,18 +56,16 @@ LOCAL = "local"
 
 
 @dataclass
-class FedDpaOptions(Options):
+class FedDpaOptions(WeightingOptions):
     test_weighting: str = "instance"
     local_weight: float = 0.5
-    weighting: str = "examples"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.test_weighting not in ("instance", "fixed"):
             raise FedLoraError(f"algorithm.test_weighting = {self.test_weighting!r}: use 'instance' or 'fixed'")
         if not 0.0 <= self.local_weight <= 1.0:
             raise FedLoraError(f"algorithm.local_weight = {self.local_weight}: use a weight in [0, 1]")
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
 
 class SimilarityWeighting(InstanceWeighting):

@@ -34,10 +34,10 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
-from fedlora.algorithms.fedit import FedItOptions
 from fedlora.errors import FedLoraError
 from fedlora.lora import BASE_SLOT, Layout, ModuleLayout, SlotSpec, init_state, make_key, num_bytes
 
@@ -49,8 +49,8 @@ class FedEx(Algorithm):
     name = "fedex"
     description = "FedEx-LoRA: FedIT plus the exact-average residual folded into the frozen base weight"
     paper = "arXiv 2410.09432"
-    options_class = FedItOptions
-    options: FedItOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)

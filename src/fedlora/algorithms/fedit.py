@@ -14,7 +14,6 @@ weighting : "examples" (default) or "uniform"
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedlora.algorithms.base import (
@@ -24,6 +23,7 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
@@ -31,22 +31,13 @@ from fedlora.errors import FedLoraError
 from fedlora.lora import init_state
 
 
-@dataclass
-class FedItOptions(Options):
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
-
-
 @register
 class FedIt(Algorithm):
     name = "fedit"
     description = "FedIT: FedAvg of the LoRA factors A and B separately"
     paper = "arXiv 2305.05644"
-    options_class = FedItOptions
-    options: FedItOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
     #: Whether clients train A (FFA-LoRA freezes it at the shared seeded init).
     train_a: ClassVar[bool] = True
 

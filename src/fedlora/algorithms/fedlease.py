@@ -45,6 +45,7 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
@@ -60,18 +61,16 @@ def expert_slot(e: int) -> str:
 
 
 @dataclass
-class FedLeaseOptions(Options):
+class FedLeaseOptions(WeightingOptions):
     warmup: int = 5
     max_clusters: int = 4
-    weighting: str = "examples"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.warmup < 1:
             raise FedLoraError(f"algorithm.warmup = {self.warmup}: use at least 1 round of local warmup")
         if self.max_clusters < 2:
             raise FedLoraError(f"algorithm.max_clusters = {self.max_clusters}: use 2 or more")
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
 
 def b_cosine_distances(loras: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:

@@ -14,7 +14,6 @@ weighting : "examples" (default) or "uniform"
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fedlora.algorithms.base import (
@@ -24,6 +23,7 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
@@ -31,22 +31,13 @@ from fedlora.errors import FedLoraError
 from fedlora.lora import init_state, parse_key
 
 
-@dataclass
-class FedSaOptions(Options):
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
-
-
 @register
 class FedSa(Algorithm):
     name = "fedsa"
     description = "FedSA-LoRA: A averaged over all clients, B private"
     paper = "arXiv 2410.01463"
-    options_class = FedSaOptions
-    options: FedSaOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)

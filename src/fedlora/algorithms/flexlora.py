@@ -21,21 +21,10 @@ weighting : "examples" (default, ``q_k = n_k / sum n`` over the round's particip
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from fedlora.algorithms.base import Options, Payload, Update, register
+from fedlora.algorithms.base import Payload, Update, WeightingOptions, register
 from fedlora.algorithms.lowrank import DenseUpdateAlgorithm, stacked_product
-from fedlora.errors import FedLoraError
-
-
-@dataclass
-class FlexLoraOptions(Options):
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
 
 @register
@@ -43,8 +32,8 @@ class FlexLora(DenseUpdateAlgorithm):
     name = "flexlora"
     description = "FlexLoRA: dense server update, rank-r_k SVD truncation per client, mean of client products"
     paper = "arXiv 2402.11505"
-    options_class = FlexLoraOptions
-    options: FlexLoraOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         return self.truncation_payloads(self.svds(rnd), clients)

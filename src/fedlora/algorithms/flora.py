@@ -23,23 +23,12 @@ weighting : "examples" (default, ``q_k = n_k / sum n`` over the round's particip
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from fedlora.algorithms.base import FederationContext, Options, Payload, Update, register
+from fedlora.algorithms.base import FederationContext, Options, Payload, Update, WeightingOptions, register
 from fedlora.algorithms.lowrank import DenseUpdateAlgorithm, stacked_product
-from fedlora.errors import FedLoraError
 
 FP32_BYTES = 4
-
-
-@dataclass
-class FloraOptions(Options):
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
 
 @register
@@ -47,8 +36,8 @@ class Flora(DenseUpdateAlgorithm):
     name = "flora"
     description = "FLoRA: stack client LoRAs (exact mean of products), merge into the base, fresh LoRA per round"
     paper = "arXiv 2409.05976"
-    options_class = FloraOptions
-    options: FloraOptions
+    options_class = WeightingOptions
+    options: WeightingOptions
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)

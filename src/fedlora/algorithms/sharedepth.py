@@ -27,6 +27,7 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
@@ -35,16 +36,14 @@ from fedlora.lora import init_state, parse_key
 
 
 @dataclass
-class ShareDepthOptions(Options):
+class ShareDepthOptions(WeightingOptions):
     share: str = "shallow:1"
-    weighting: str = "examples"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         side, _, depth = self.share.partition(":")
         if side not in ("shallow", "deep") or not depth.isdigit():
             raise FedLoraError(f"algorithm.share = {self.share!r}: use 'shallow:d' or 'deep:d' with d a layer count")
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
     @property
     def side(self) -> str:

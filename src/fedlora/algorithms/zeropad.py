@@ -18,7 +18,6 @@ weighting : "examples" (default, ``q_k = n_k / sum n`` over the round's particip
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,20 +30,11 @@ from fedlora.algorithms.base import (
     Payload,
     Tensors,
     Update,
+    WeightingOptions,
     register,
     weighted_mean,
 )
-from fedlora.errors import FedLoraError
 from fedlora.lora import Layout, ModuleLayout, SlotSpec, init_state, parse_key
-
-
-@dataclass
-class ZeroPadOptions(Options):
-    weighting: str = "examples"
-
-    def __post_init__(self) -> None:
-        if self.weighting not in ("examples", "uniform"):
-            raise FedLoraError(f"algorithm.weighting = {self.weighting!r}: use 'examples' or 'uniform'")
 
 
 def pad_factor(key: str, value: torch.Tensor, r_max: int) -> torch.Tensor:
@@ -64,8 +54,8 @@ def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
 class ZeroPad(Algorithm):
     name = "zeropad"
     description = "zero-padding: server factors at r_max, clients take the leading r_k, padded factor-wise mean"
-    options_class: ClassVar[type[Options]] = ZeroPadOptions
-    options: ZeroPadOptions
+    options_class: ClassVar[type[Options]] = WeightingOptions
+    options: WeightingOptions
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
