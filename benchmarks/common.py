@@ -12,6 +12,9 @@ from fedlora.simulation import Simulation
 
 ROOT = Path(__file__).parent.parent
 
+#: The option that sets the local warmup length, for the algorithms that have one.
+WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
+
 
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name`` (or read its existing summary)."""

@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import accuracies, run_config
+from common import WARMUP_OPTION, accuracies, run_config
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -43,6 +43,7 @@ CENTRALIZED = "centralized"
 def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str) -> list[str]:
     clients, max_train, max_test, steps = args.clients, args.max_train, args.max_test, args.steps
     partition = "dirichlet"
+    warmup = [f"algorithm.{WARMUP_OPTION[algorithm]}={args.warmup_rounds}"] if algorithm in WARMUP_OPTION else []
     if algorithm == CENTRALIZED:
         # One client with every client's data cap, trained for the federation's total steps.
         clients, max_train, max_test, steps = 1, clients * max_train, clients * max_test, clients * steps
@@ -67,6 +68,7 @@ def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str)
         f"train.lr={args.lr}",
         "eval.every=1",
         f"algorithm.name='{algorithm}'",
+        *warmup,
     ]
 
 
@@ -112,6 +114,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
     p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--warmup-rounds", type=int, default=5, help="local warmup of fedtreelora and fedlease")
     p.add_argument("--steps", type=int, default=8, help="local steps per round")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common import WARMUP_OPTION
 from fedlora.algorithms import registry
 from fedlora.cli import run_one
 from fedlora.config import load_config
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "nlg.toml"))
     parser.add_argument("--algorithms", default=DEFAULT_ALGORITHMS)
     parser.add_argument("--out", default="runs/nlg")
+    parser.add_argument(
+        "--warmup-rounds", type=int, default=1, help="local warmup of fedtreelora and fedlease (of 3 rounds)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     out = Path(args.out)
@@ -72,7 +76,8 @@ def main() -> None:
         if algo not in known:
             print(f"skipping {algo}: not registered in this checkout")
             continue
-        config = load_config(Path(args.config), [*args.set, f"algorithm.name='{algo}'"])
+        warmup = [f"algorithm.{WARMUP_OPTION[algo]}={args.warmup_rounds}"] if algo in WARMUP_OPTION else []
+        config = load_config(Path(args.config), [*args.set, f"algorithm.name='{algo}'", *warmup])
         summaries[algo] = run_one(config, out / algo, resume=False, overwrite=True, quiet=True)
         print(f"{algo}: {summaries[algo]['wall_seconds']:.0f} s", flush=True)
     text = table(summaries)
