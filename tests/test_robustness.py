@@ -316,3 +316,41 @@ def test_iid_partition_equals_flwr_datasets_iid_partitioner(n: int, num_clients:
     assert len(ours) == len(flwr) == num_clients
     for a, b in zip(ours, flwr, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["dirichlet", "pathological", "natural"])
+def test_skewed_partitions_equal_reading_every_flwr_datasets_partition(method: str) -> None:
+    import datasets
+    import numpy as np
+    from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+
+    from fedlora.data import TextDataset, natural_groups, partition
+
+    n, num_clients = 400, 12
+    labels = np.random.default_rng(0).integers(0, 4, n)
+    groups = [f"g{(i * 7) % num_clients}" for i in range(n)]
+    ds = TextDataset(
+        name="t", texts=[str(i) for i in range(n)], labels=labels, label_names=list("abcd"), columns={"client": groups}
+    )
+    columns = {"idx": np.arange(n), "label": labels}
+    if method == "natural":
+        ours = partition(ds, method="natural", num_clients=num_clients, seed=5, by="client")
+        order = {g: code for code, g in enumerate(natural_groups(ds, num_clients=num_clients, by="client"))}
+        flwr: Any = NaturalIdPartitioner(partition_by="group")
+        columns = {"idx": np.arange(n), "group": [order[g] for g in groups]}
+    elif method == "dirichlet":
+        ours = partition(ds, method="dirichlet", num_clients=num_clients, seed=5, alpha=0.3, min_size=2)
+        flwr = DirichletPartitioner(
+            num_partitions=num_clients, partition_by="label", alpha=0.3, min_partition_size=2,
+            self_balancing=False, shuffle=True, seed=5,
+        )  # fmt: skip
+    else:
+        ours = partition(ds, method="pathological", num_clients=num_clients, seed=5, classes_per_client=2)
+        flwr = PathologicalPartitioner(
+            num_partitions=num_clients, partition_by="label", num_classes_per_partition=2,
+            class_assignment_mode="first-deterministic", shuffle=True, seed=5,
+        )  # fmt: skip
+    flwr.dataset = datasets.Dataset.from_dict(columns)
+    for client in range(num_clients):
+        expected = np.sort(np.asarray(flwr.load_partition(client)["idx"], dtype=np.int64))
+        np.testing.assert_array_equal(ours[client], expected)

@@ -101,7 +101,25 @@ def _run_partitioner(partitioner: Partitioner, columns: dict[str, Any], num_clie
         for client in range(num_clients):
             part = partitioner.load_partition(client).with_format("numpy")
             parts.append(np.sort(np.asarray(part["idx"], dtype=np.int64)))
+            if client == 0 and (mapping := _row_mapping(partitioner, num_clients)) is not None:
+                # The whole assignment is known after the first partition: read it at once
+                # instead of one datasets.select per client (10 ms each: minutes at 10,000).
+                idx = np.asarray(columns["idx"], dtype=np.int64)
+                return [np.sort(idx[np.asarray(mapping[c], dtype=np.int64)]) for c in range(num_clients)]
     return parts
+
+
+def _row_mapping(partitioner: Partitioner, num_clients: int) -> dict[int, list[int]] | None:
+    """The partition -> row indices assignment of a Dirichlet or Pathological partitioner, once drawn.
+
+    ``load_partition(c)`` of these partitioners is ``dataset.select(mapping[c])``; the
+    mapping is private API of flwr-datasets 0.6, so anything unexpected falls back to
+    reading the partitions one by one (equality with that path is tested).
+    """
+    mapping = getattr(partitioner, "_partition_id_to_indices", None)
+    if not isinstance(mapping, dict) or any(c not in mapping for c in range(num_clients)):
+        return None
+    return mapping
 
 
 def natural_groups(ds: TextDataset, *, num_clients: int, by: str = "client") -> list[str]:
