@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fedlora.cli import run_one
 from fedlora.config import load_config
-from fedlora.simulation import Simulation
 
 ROOT = Path(__file__).parent.parent
 
@@ -17,7 +17,12 @@ WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
 
 
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name`` (or read its existing summary)."""
+    """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name`` (or read its existing summary).
+
+    A directory without ``summary.json`` (an interrupted run) is started afresh. Runs go
+    through ``fedlora run``'s engine, so each directory holds the whole output contract,
+    plots included.
+    """
     out = out_root / name
     summary_file = out / "summary.json"
     if summary_file.is_file():
@@ -25,10 +30,7 @@ def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any
         return summary
     config = load_config(ROOT / "configs" / "default.toml", overrides)
     config.run.name = name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config.to_toml())
-    summary = Simulation(config, out).run()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = run_one(config, out, resume=False, overwrite=True, quiet=True)
     acc = summary["final"]["personalized_acc_mean"]
     print(f"{name}: final personalized accuracy {acc:.4f} ({summary['wall_seconds']:.0f} s)", flush=True)
     return summary
