@@ -82,7 +82,7 @@ def row(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
+def markdown(table: dict[str, dict[str, dict[str, Any]]], paper: dict[str, float]) -> str:
     lines: list[str] = []
     for dataset, rows in table.items():
         lines += [
@@ -93,21 +93,22 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for method, r in rows.items():
-            paper = f"{PAPER[method]:.2f}" if method in PAPER else ""
+            reference = f"{paper[method]:.2f}" if method in paper else ""
             lines.append(
                 f"| {method} | {r['final_mean']:.2f} ± {r['final_std']:.2f} "
                 f"| {r['best_mean']:.2f} ± {r['best_std']:.2f} {r['best_rounds']} "
                 f"| {r['trainable_percent']:.3f} | {r['bytes_up_per_round'] / 1e6:.3f} MB "
-                f"| {r['bytes_down_per_round'] / 1e6:.3f} MB | {paper} |"
+                f"| {r['bytes_down_per_round'] / 1e6:.3f} MB | {reference} |"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/comparison")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=[*METHODS, CENTRALIZED])
+def parser(description: str | None, out: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The federation's arguments, shared with ``fedtreelora_nlu.py`` so both scripts name and reuse the same runs."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out)
+    p.add_argument("--methods", type=lambda s: s.split(","), default=methods)
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--datasets", type=lambda s: s.split(","), default=["rotten_tomatoes", "bbc_news"])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
@@ -122,32 +123,50 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
     p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
     p.add_argument("--max-length", type=int, default=64)
-    return p.parse_args()
+    return p
+
+
+def run_table(args: argparse.Namespace, variants: dict[str, tuple[str, list[str]]]) -> dict[str, Any]:
+    """Run (or read back) every dataset x variant x seed; a variant is an algorithm plus extra overrides.
+
+    Run directories are ``OUT/<dataset>_<variant>_s<seed>`` with ``=`` dropped from the
+    variant's name, so a run made by one script is read back by the other.
+    """
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for dataset in args.datasets:
+        for name, (algorithm, extra) in variants.items():
+            summaries = [
+                run_config(
+                    Path(args.out),
+                    f"{dataset}_{name.replace('=', '')}_s{seed}",
+                    [*overrides(args, dataset, seed, algorithm), *extra],
+                )
+                for seed in args.seeds
+            ]
+            table.setdefault(dataset, {})[name] = row(summaries)
+    return table
+
+
+def write(args: argparse.Namespace, table: dict[str, Any], paper: dict[str, float], stem: str) -> str:
+    """Write ``OUT/<stem>.json`` (arguments and table) and ``OUT/<stem>.md``; return the markdown."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
+    text = markdown(table, paper)
+    (out / f"{stem}.md").write_text(text)
+    return text
 
 
 def main() -> None:
-    args = parse_args()
-    out = Path(args.out)
+    args = parser(__doc__, "runs/comparison", [*METHODS, CENTRALIZED]).parse_args()
     available = set(registry())
-    methods = []
+    variants: dict[str, tuple[str, list[str]]] = {}
     for method in args.methods:
         if method != CENTRALIZED and method not in available:
             print(f"skipping {method}: no such algorithm in this build (available: {', '.join(sorted(available))})")
             continue
-        methods.append(method)
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for dataset in args.datasets:
-        for method in methods:
-            summaries = [
-                run_config(out, f"{dataset}_{method}_s{seed}", overrides(args, dataset, seed, method))
-                for seed in args.seeds
-            ]
-            table.setdefault(dataset, {})[method] = row(summaries)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
-    text = markdown(table)
-    (out / "results.md").write_text(text)
-    print(text)
+        variants[method] = (method, [])
+    print(write(args, run_table(args, variants), PAPER, "results"))
 
 
 if __name__ == "__main__":
