@@ -173,6 +173,14 @@ def test_planted_structure_is_recovered() -> None:
     assert s["cluster_counts"] == [1, 1, 2, 2]
     assert s["partitions"][3] == [[0, 1, 2], [3, 4, 5]]
     assert s["partitions"][0] == [[0, 1, 2, 3, 4, 5]]
+    # Every layer records the score of each count it tried: tau (0.2) for one cluster, and in
+    # the deep layers the two-group cut scores near 1 (within-group distances <= 0.14, between
+    # groups about 10), so it wins; in the shallow layers only jitter separates the clients.
+    scores = s["cut_scores"]
+    assert [sorted(layer) for layer in scores] == [["1", "2", "3"], ["1", "2", "3"], ["1", "2", "3"], ["2", "3", "4"]]
+    assert all(layer["1"] == 0.2 for layer in scores[:3])
+    assert scores[2]["2"] > 0.95 and scores[3]["2"] > 0.95
+    assert scores[0]["2"] < 0.2 and scores[1]["2"] < 0.2
     # The tree's last merge joins the two groups, far above every other merge.
     linkage = np.asarray(s["linkage"])
     assert linkage[-1, 2] > 4 * linkage[:-1, 2].max()
@@ -218,7 +226,8 @@ def test_tau_above_every_silhouette_gives_root_layers_only() -> None:
     distances = distances + distances.transpose(0, 2, 1)
     for layer in distances:
         np.fill_diagonal(layer, 0.0)
-    counts, _ = choose_cluster_counts(plan_tree(distances, range(5), FedTreeLoraOptions()).linkage, distances, 3, 1.01)
+    tree = plan_tree(distances, range(5), FedTreeLoraOptions()).linkage
+    counts, _, _ = choose_cluster_counts(tree, distances, 3, 1.01)
     assert counts == [1, 1, 1]
 
 

@@ -215,26 +215,29 @@ def _score(distance: np.ndarray, labels: np.ndarray, tau: float) -> float:
 
 def choose_cluster_counts(
     tree: np.ndarray, distances: np.ndarray, window_k: int, tau: float
-) -> tuple[list[int], dict[int, np.ndarray]]:
+) -> tuple[list[int], dict[int, np.ndarray], list[dict[int, float]]]:
     """Per-layer cluster counts, shallow to deep, over the cuts of one tree.
 
     Layer ``l`` tries ``c in [c_prev, min(N - 1, c_prev + K - 1)]``; ``score(1) = tau``,
     ``score(c >= 2)`` is the silhouette of the cut under ``distances[l]``; it takes the best
-    (the smallest on ties) and passes it on as ``c_prev``. Returns the counts and the cuts.
+    (the smallest on ties) and passes it on as ``c_prev``. Returns the counts, the cuts and,
+    per layer, the score of every count it tried.
     """
     num_layers, n = distances.shape[0], distances.shape[1]
     if n < 3:
-        return [1] * num_layers, {1: np.zeros(n, dtype=np.int64)}
+        return [1] * num_layers, {1: np.zeros(n, dtype=np.int64)}, [{1: tau} for _ in range(num_layers)]
     highest = min(n - 1, 1 + num_layers * (window_k - 1))
     cuts = tree_cuts(tree, range(1, highest + 1))
     counts: list[int] = []
+    tried: list[dict[int, float]] = []
     c_prev = 1
     for layer in range(num_layers):
         candidates = range(c_prev, max(c_prev, min(n - 1, c_prev + window_k - 1)) + 1)
         scores = [_score(distances[layer], cuts[c], tau) for c in candidates]
         c_prev = candidates[int(np.argmax(scores))]
         counts.append(c_prev)
-    return counts, cuts
+        tried.append(dict(zip(candidates, scores, strict=True)))
+    return counts, cuts, tried
 
 
 @dataclass
@@ -253,6 +256,9 @@ class ClientTree:
         The shared tree (``None`` for independent per-layer clustering).
     layer_linkages
         One tree per layer (independent per-layer clustering only).
+    scores
+        Per layer, the score of every cluster count tried (``tau`` for 1, else the
+        silhouette); empty when the counts were fixed.
     """
 
     clients: list[int]
@@ -260,6 +266,7 @@ class ClientTree:
     labels: np.ndarray
     linkage: np.ndarray | None = None
     layer_linkages: list[np.ndarray] = field(default_factory=list)
+    scores: list[dict[int, float]] = field(default_factory=list)
 
     def cluster_of(self, layer: int, client: int) -> int:
         return int(self.labels[layer, self.clients.index(client)])
@@ -278,7 +285,11 @@ class ClientTree:
             "labels": self.labels.tolist(),
             "linkage": None if self.linkage is None else self.linkage.tolist(),
             "layer_linkages": [z.tolist() for z in self.layer_linkages],
+            "scores": self.json_scores(),
         }
+
+    def json_scores(self) -> list[dict[str, float]]:
+        return [{str(c): score for c, score in layer.items()} for layer in self.scores]
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ClientTree:
@@ -288,6 +299,7 @@ class ClientTree:
             labels=np.asarray(data["labels"], dtype=np.int64),
             linkage=None if data["linkage"] is None else np.asarray(data["linkage"], dtype=np.float64),
             layer_linkages=[np.asarray(z, dtype=np.float64) for z in data["layer_linkages"]],
+            scores=[{int(c): float(v) for c, v in layer.items()} for layer in data.get("scores", [])],
         )
 
 
@@ -300,18 +312,22 @@ def plan_tree(distances: np.ndarray, clients: Sequence[int], options: FedTreeLor
         trees = [build_tree(distances[layer], options.linkage) for layer in range(num_layers)]
         counts: list[int] = []
         rows = []
+        scores: list[dict[int, float]] = []
         for layer, tree in enumerate(trees):
-            (count,), cuts = choose_cluster_counts(tree, distances[layer : layer + 1], options.window_k, options.tau)
+            (count,), cuts, (tried,) = choose_cluster_counts(
+                tree, distances[layer : layer + 1], options.window_k, options.tau
+            )
             counts.append(count)
             rows.append(cuts[count])
-        return ClientTree(list(clients), counts, np.stack(rows), layer_linkages=trees)
+            scores.append(tried)
+        return ClientTree(list(clients), counts, np.stack(rows), layer_linkages=trees, scores=scores)
     tree = build_tree(distances.mean(0), options.linkage)
     if options.fixed_k:
         count = min(options.fixed_k, n)
         cut = tree_cuts(tree, [count])[count]
         return ClientTree(list(clients), [count] * num_layers, np.stack([cut] * num_layers), linkage=tree)
-    counts, cuts = choose_cluster_counts(tree, distances, options.window_k, options.tau)
-    return ClientTree(list(clients), counts, np.stack([cuts[c] for c in counts]), linkage=tree)
+    counts, cuts, scores = choose_cluster_counts(tree, distances, options.window_k, options.tau)
+    return ClientTree(list(clients), counts, np.stack([cuts[c] for c in counts]), linkage=tree, scores=scores)
 
 
 # --- the algorithm ---------------------------------------------------------------------------
@@ -444,6 +460,7 @@ class FedTreeLora(Algorithm):
             "layer_linkages": [z.tolist() for z in self.tree.layer_linkages],
             "clients": self.tree.clients,
             "cluster_counts": self.tree.counts,
+            "cut_scores": self.tree.json_scores(),
             "partitions": self.tree.partitions(),
             "built_round": self.built_round,
         }
