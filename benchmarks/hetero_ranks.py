@@ -7,7 +7,9 @@ plus the two references of every comparison: ``local`` (no communication) and
 ``centralized`` (one client holding all the training data, same steps in total).
 Settings: (a) cross-silo, 10 clients, all participate; (b) cross-device, 50 clients,
 20% per round. Reported: the final round's global accuracy (union of the clients' test
-splits) and personalized accuracy (mean over clients), mean +- std over seeds.
+splits) and personalized accuracy (mean over clients), mean +- std over seeds. Runs
+whose ``summary.json`` already exists under ``--out`` are read back, not rerun, so
+methods can run in separate processes and a last call with every method writes the table.
 
 Full benchmark (many hours on 2 CPU cores)::
 
@@ -26,15 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import load_config
-from fedlora.simulation import Simulation
-
-ROOT = Path(__file__).parent.parent
+from common import run_config
 
 FEDHL_WEIGHTINGS = ("optimal", "optimal_paper", "uniform", "examples", "optimal_examples")
 ALL_METHODS = "centralized,local,fedit@min,zeropad,hetlora,flexlora,flora," + ",".join(
@@ -96,10 +94,8 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
     if method == "centralized":
         overrides.append(f"data.max_train_per_client={args.max_train * setting.num_clients}")
         overrides.append(f"data.max_test_per_client={args.max_test * setting.num_clients}")
-    config = load_config(ROOT / "configs" / "default.toml", overrides)
-    out = Path(args.out) / dataset / setting.name / method.replace(":", "_").replace("@", "_") / f"s{seed}"
-    start = time.perf_counter()
-    summary = Simulation(config, out).run()
+    name = f"{dataset}_{setting.name}_{method.replace(':', '_').replace('@', '_')}_s{seed}"
+    summary = run_config(Path(args.out), name, overrides)
     final = summary["final"]
     global_acc = final["global_acc"]
     if method in ("centralized", "local"):  # one model per client: the personalized figure is the result
@@ -110,10 +106,11 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
         "method": method,
         "seed": seed,
         "global_acc": global_acc,
+        "global_loss": final["global_loss"],
         "personalized_acc": final["personalized_acc_mean"],
         "best_round": summary["best"]["round"] if summary["best"] else None,
         "bytes_total": summary["bytes_up_total"] + summary["bytes_down_total"],
-        "seconds": time.perf_counter() - start,
+        "seconds": summary["wall_seconds"],
     }
 
 
@@ -128,17 +125,20 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (dataset, setting, method), accuracies in % (mean ± std over seeds)."""
     lines = [
-        "| dataset | setting | method | global acc % | personalized acc % | MB moved | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | setting | method | global acc % | global loss | personalized acc % | MB moved | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keys = list(dict.fromkeys((r["dataset"], r["setting"], r["method"]) for r in rows))
     for dataset, setting, method in keys:
         group = [r for r in rows if (r["dataset"], r["setting"], r["method"]) == (dataset, setting, method)]
         glob = [r["global_acc"] for r in group if r["global_acc"] is not None]
+        losses = [r["global_loss"] for r in group if r["global_loss"] is not None]
+        loss = f"{statistics.mean(losses):.3f}" if losses else "-"
         pers = [r["personalized_acc"] for r in group]
         mb = statistics.mean(r["bytes_total"] for r in group) / 1e6
         lines.append(
-            f"| {dataset} | {setting} | {method} | {mean_std(glob)} | {mean_std(pers)} | {mb:.1f} | {len(group)} |"
+            f"| {dataset} | {setting} | {method} | {mean_std(glob)} | {loss} | {mean_std(pers)} | {mb:.1f} "
+            f"| {len(group)} |"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@
 
 Every run uses ``configs/default.toml`` with the overrides below; runs whose
 ``summary.json`` already exists under ``--out`` are read back, not rerun. Writes
-``results.json`` and ``results.md`` into ``--out`` and the sweep plot into ``--img-dir``.
+``results.json`` and ``results.md`` into ``--out`` (``results_vertical.*`` or
+``results_sweep.*`` with ``--part``) and the sweep plot into ``--img-dir``.
 
 Full size (hours on a CPU)::
 
@@ -196,9 +197,10 @@ def main() -> None:
     if args.part in ("sweep", "all"):
         results["sweep"] = sweep(args)
         results["plots"] = [str(p) for p in plot_sweep(results["sweep"], Path(args.img_dir), args.stem)]
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    stem = "results" if args.part == "all" else f"results_{args.part}"  # one part never overwrites the other
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     text = markdown(results)
-    (out / "results.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
 
 
