@@ -46,4 +46,12 @@ def accuracies(summaries: list[dict[str, Any]]) -> dict[str, float]:
         "best_mean": statistics.mean(best),
         "best_std": statistics.pstdev(best),
         "best_rounds": [int(s["best"]["round"]) for s in summaries],
+        "runs": len(summaries),
     }
+
+
+def mean_std(acc: dict[str, Any], key: str) -> str:
+    """``acc``'s ``key`` (``final`` or ``best``) as ``mean ± std`` over seeds, or the single value of one run."""
+    if acc.get("runs", 2) == 1:
+        return f"{acc[key + '_mean']:.2f}"
+    return f"{acc[key + '_mean']:.2f} ± {acc[key + '_std']:.2f}"

@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_OPTION, accuracies, run_config
+from common import WARMUP_OPTION, accuracies, mean_std, run_config
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -95,8 +95,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], paper: dict[str, float
         for method, r in rows.items():
             reference = f"{paper[method]:.2f}" if method in paper else ""
             lines.append(
-                f"| {method} | {r['final_mean']:.2f} ± {r['final_std']:.2f} "
-                f"| {r['best_mean']:.2f} ± {r['best_std']:.2f} {r['best_rounds']} "
+                f"| {method} | {mean_std(r, 'final')} | {mean_std(r, 'best')} {r['best_rounds']} "
                 f"| {r['trainable_percent']:.3f} | {r['bytes_up_per_round'] / 1e6:.3f} MB "
                 f"| {r['bytes_down_per_round'] / 1e6:.3f} MB | {reference} |"
             )

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, accuracies, run_config
+from common import ROOT, accuracies, mean_std, run_config
 
 
 def base_overrides(args: argparse.Namespace, dataset: str, seed: int, alpha: float) -> list[str]:
@@ -135,10 +135,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|",
         ]
         for label, acc in methods.items():
-            lines.append(
-                f"| {label} | {acc['final_mean']:.2f} ± {acc['final_std']:.2f} "
-                f"| {acc['best_mean']:.2f} ± {acc['best_std']:.2f} |"
-            )
+            lines.append(f"| {label} | {mean_std(acc, 'final')} | {mean_std(acc, 'best')} |")
         lines.append("")
     for dataset, by_alpha in results.get("sweep", {}).items():
         depths = sorted({int(d) for by_depth in by_alpha.values() for d in by_depth})
