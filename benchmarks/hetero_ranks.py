@@ -15,12 +15,12 @@ Full benchmark (many hours on 2 CPU cores)::
 
     python benchmarks/hetero_ranks.py --out runs/hetero_ranks
 
-Reduced run reported in docs/results.md (run B)::
+Reduced run reported in docs/results.md (cross-silo, 8 rounds, one seed)::
 
-    python benchmarks/hetero_ranks.py --datasets rotten_tomatoes --seeds 0 --settings cross_silo \\
-        --rounds 4 --steps 5 --batch-size 8 --lr 1e-2 --max-train 100 --max-test 30 --max-length 32 \\
-        --eval-every 4 --methods fedit@min,fedhl:optimal,flexlora,hetlora,zeropad,flora \\
-        --out runs/hetero_reduced_lr1e-2
+    python benchmarks/hetero_ranks.py --datasets rotten_tomatoes --settings cross_silo --seeds 0 \\
+        --rounds 8 --steps 8 --max-train 100 --max-test 50 --max-length 48 --out runs/bench/hetero \\
+        --methods fedit@min,zeropad,hetlora,flexlora,flora,fedhl:optimal,fedhl:optimal_paper,fedhl:uniform,\\
+fedhl:examples,fedhl:optimal_examples
 """
 
 from __future__ import annotations
