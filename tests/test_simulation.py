@@ -197,6 +197,44 @@ def test_list_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["report", str(tmp_path)]) == 2
 
 
+def _fake_run(run_dir: Path, algorithm: str, per_round: list[tuple[float | None, float | None]]) -> Path:
+    """A finished run directory by hand: one aggregate row per round with (score, test loss)."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"algorithm": algorithm, "metric": "accuracy"}))
+    rows = [
+        {"round": 0, "client": 0, "acc": 0.5},
+        *(
+            {"round": r, "client": None, "personalized_acc_mean": acc, "personalized_loss_mean": loss}
+            for r, (acc, loss) in enumerate(per_round)
+        ),
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run_dir
+
+
+def test_report_compare_draws_several_runs(tmp_path: Path) -> None:
+    from fedlora.report import run_curves
+
+    a = _fake_run(tmp_path / "a", "local", [(0.5, 1.5), (None, None), (0.75, 1.25)])
+    b = _fake_run(tmp_path / "b", "fedit", [(0.25, 1.75), (0.5, 1.5), (1.0, 1.0)])
+    # rounds count from 1; a round that was not evaluated is left out
+    assert run_curves(a) == {
+        "algorithm": "local",
+        "metric": "accuracy",
+        "rounds": [1, 3],
+        "score": [0.5, 0.75],
+        "loss": [1.5, 1.25],
+    }
+    assert run_curves(b)["rounds"] == [1, 2, 3]
+    out = tmp_path / "img" / "both.png"
+    assert main(["report", str(a), str(b), "--compare", str(out), "--labels", "mine,shared"]) == 0
+    assert out.is_file() and out.stat().st_size > 0
+    # one label per run, --labels only with --compare, and every directory must be a finished run
+    assert main(["report", str(a), str(b), "--compare", str(out), "--labels", "mine"]) == 2
+    assert main(["report", str(a), "--labels", "mine"]) == 2
+    assert main(["report", str(a), str(tmp_path), "--compare", str(out)]) == 2
+
+
 def test_compare_algorithm_variants(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", SMOKE, "--algorithms", "fedit,fedit:weighting='uniform'", "--out", str(out), "--quiet",

@@ -251,10 +251,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedlora.report import draw_run
+    from fedlora.report import draw_run, draw_runs
 
-    for path in draw_run(Path(args.run_dir)):
-        print(path)
+    run_dirs = [Path(d) for d in args.run_dir]
+    if args.compare:
+        labels = args.labels.split(",") if args.labels else None
+        print(draw_runs(run_dirs, Path(args.compare), labels))
+        return 0
+    if args.labels:
+        raise FedLoraError("--labels goes with --compare OUT.png")
+    for run_dir in run_dirs:
+        for path in draw_run(run_dir):
+            print(path)
     return 0
 
 
@@ -344,8 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_list = sub.add_parser("list", help="algorithms, models, datasets and partitioners")
     p_list.set_defaults(func=cmd_list)
 
-    p_rep = sub.add_parser("report", help="redraw the plots of a run directory")
-    p_rep.add_argument("run_dir")
+    p_rep = sub.add_parser(
+        "report", help="redraw the plots of run directories, or draw several runs on one figure (--compare)"
+    )
+    p_rep.add_argument("run_dir", nargs="+")
+    p_rep.add_argument(
+        "--compare", metavar="OUT.png", help="one figure of all the runs: personalized score and test loss by round"
+    )
+    p_rep.add_argument("--labels", help="comma-separated legend labels for --compare, one per run (default: algorithm)")
     p_rep.set_defaults(func=cmd_report)
 
     p_exp = sub.add_parser("export", help="export a client's (or the global) model: peft adapter or merged weights")

@@ -69,6 +69,43 @@ def draw_run(run_dir: Path) -> list[Path]:
     return drawn
 
 
+def run_curves(run_dir: Path) -> dict[str, Any]:
+    """A run's per-round personalized score and test loss (evaluated rounds only, rounds from 1)."""
+    summary, rows = load_run(run_dir)
+    agg = [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+    return {
+        "algorithm": str(summary["algorithm"]),
+        "metric": str(summary.get("metric", "accuracy")),
+        "rounds": [int(r["round"]) + 1 for r in agg],
+        "score": [float(r["personalized_acc_mean"]) for r in agg],
+        "loss": [r["personalized_loss_mean"] for r in agg],
+    }
+
+
+def draw_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
+    """One figure of several runs: personalized score (mean over clients) and personalized test
+    loss against the round, one line per run (labelled by ``labels`` or the algorithm name)."""
+    if labels is not None and len(labels) != len(run_dirs):
+        raise FedLoraError(f"{len(labels)} labels for {len(run_dirs)} runs: give one label per run directory")
+    curves = [run_curves(d) for d in run_dirs]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, c in enumerate(curves):
+        label = labels[i] if labels is not None else c["algorithm"]
+        ax_acc.plot(c["rounds"], c["score"], marker="o", ms=3, label=label)
+        ax_loss.plot(c["rounds"], c["loss"], marker="o", ms=3, label=label)
+    metric = curves[0]["metric"] if curves else "accuracy"
+    ax_acc.set(xlabel="round", ylabel=f"personalized {metric} (mean over clients)")
+    ax_loss.set(xlabel="round", ylabel="personalized test loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _mean_std(values: Sequence[float | None]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
