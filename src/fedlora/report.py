@@ -32,8 +32,25 @@ def metric_label(summary: Mapping[str, Any]) -> str:
     return "acc" if metric == "accuracy" else metric
 
 
+def _evaluated(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The aggregate rows of the rounds that were evaluated."""
+    return [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+
+
+def _save(fig: Any, axes: Sequence[Any], out: Path) -> Path:
+    """Grid and legend on every axis, then write ``fig`` to ``out`` and close it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Path, metric: str = "accuracy") -> Path:
-    agg = [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+    agg = _evaluated(rows)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     rounds = np.array([r["round"] + 1 for r in agg])
     if len(agg):
@@ -48,14 +65,7 @@ def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Pat
         ax_loss.plot(rounds, [r["personalized_loss_mean"] for r in agg], marker="o", label="test loss (personalized)")
     ax_acc.set(xlabel="round", ylabel=metric, title=title)
     ax_loss.set(xlabel="round", ylabel="loss", title="loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, (ax_acc, ax_loss), out)
 
 
 def draw_run(run_dir: Path) -> list[Path]:
@@ -72,7 +82,7 @@ def draw_run(run_dir: Path) -> list[Path]:
 def run_curves(run_dir: Path) -> dict[str, Any]:
     """A run's per-round personalized score and test loss (evaluated rounds only, rounds from 1)."""
     summary, rows = load_run(run_dir)
-    agg = [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+    agg = _evaluated(rows)
     return {
         "algorithm": str(summary["algorithm"]),
         "metric": str(summary.get("metric", "accuracy")),
@@ -96,14 +106,7 @@ def draw_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None 
     metric = curves[0]["metric"] if curves else "accuracy"
     ax_acc.set(xlabel="round", ylabel=f"personalized {metric} (mean over clients)")
     ax_loss.set(xlabel="round", ylabel="personalized test loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, (ax_acc, ax_loss), out)
 
 
 def _mean_std(values: Sequence[float | None]) -> str:
