@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from fedlora.cli import run_one
+from fedlora.cli import reuse_run
 from fedlora.config import load_config
+from fedlora.errors import FedLoraError
 
 ROOT = Path(__file__).parent.parent
 
@@ -17,22 +17,24 @@ WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
 
 
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name`` (or read its existing summary).
+    """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name``; return its summary.
 
-    A directory without ``summary.json`` (an interrupted run) is started afresh. Runs go
-    through ``fedlora run``'s engine, so each directory holds the whole output contract,
-    plots included.
+    Goes through :func:`fedlora.cli.reuse_run`: a finished run with the same settings is
+    read back, an interrupted one continued, a shorter one extended (so ``--rounds 16`` over
+    an 8-round ``--out`` adds 8 rounds to each run), and one with other settings refused.
+    Each directory holds the whole output contract, plots included.
     """
-    out = out_root / name
-    summary_file = out / "summary.json"
-    if summary_file.is_file():
-        summary: dict[str, Any] = json.loads(summary_file.read_text())
-        return summary
     config = load_config(ROOT / "configs" / "default.toml", overrides)
     config.run.name = name
-    summary = run_one(config, out, resume=False, overwrite=True, quiet=True)
-    acc = summary["final"]["personalized_acc_mean"]
-    print(f"{name}: final personalized accuracy {acc:.4f} ({summary['wall_seconds']:.0f} s)", flush=True)
+    summary_file = out_root / name / "summary.json"
+    before = summary_file.read_bytes() if summary_file.is_file() else None
+    try:
+        summary = reuse_run(config, out_root / name, quiet=True)
+    except FedLoraError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if summary_file.read_bytes() != before:
+        acc = summary["final"]["personalized_acc_mean"]
+        print(f"{name}: final personalized accuracy {acc:.4f} ({summary['wall_seconds']:.0f} s)", flush=True)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,47 @@ def test_compare_rejects_bad_variant_before_running(tmp_path: Path, capsys: pyte
     assert main(args) == 2
     assert "'examples' or 'uniform'" in capsys.readouterr().err
     assert not (tmp_path / "c" / "fedit_s0").exists()
+
+
+def test_compare_reuse_keeps_continues_extends_and_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    straight = tmp_path / "straight"
+    assert main(["run", SMOKE, "--out", str(straight), "--quiet"]) == 0  # smoke.toml: 2 rounds of fedit
+    out = tmp_path / "cmp"
+    base = ["compare", SMOKE, "--algorithms", "fedit", "--out", str(out), "--quiet"]
+    run_dir = out / "fedit_s0"
+    assert main([*base, "--set", "run.rounds=1"]) == 0
+    one_round = (run_dir / "metrics.jsonl").read_text()
+
+    # same settings, same length: read back, nothing rerun
+    assert main([*base, "--set", "run.rounds=1", "--reuse"]) == 0
+    assert (run_dir / "metrics.jsonl").read_text() == one_round
+    # shorter than asked: extended from its last checkpoint, identical to a straight 2-round run
+    assert main([*base, "--reuse"]) == 0
+    assert _rows(run_dir) == _rows(straight)
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    # interrupted (summary and latest checkpoint gone): continued from the newest checkpoint left
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints" / "round_00002")
+    assert main([*base, "--reuse"]) == 0
+    assert _rows(run_dir) == _rows(straight)
+
+    capsys.readouterr()
+    assert main([*base, "--set", "train.lr=0.5", "--reuse"]) == 2
+    assert "train.lr = 0.001 there, 0.5 here" in capsys.readouterr().err
+    assert main([*base, "--set", "run.rounds=1", "--reuse"]) == 2
+    assert "holds a 2-round run, asked for 1" in capsys.readouterr().err
+    assert main([*base, "--reuse", "--overwrite"]) == 2
+    assert _rows(run_dir) == _rows(straight)
+
+
+def test_reuse_run_fills_in_option_defaults(tmp_path: Path) -> None:
+    from fedlora.cli import reuse_run
+    from fedlora.config import load_config
+
+    run_dir = tmp_path / "run"
+    assert main(["run", SMOKE, "--out", str(run_dir), "--set", "run.rounds=1", "--quiet"]) == 0
+    before = (run_dir / "summary.json").read_text()
+    # fedit's default weighting spelled out is the same setting: the run is read back
+    config = load_config(Path(SMOKE), ["run.rounds=1", "algorithm.weighting='examples'"])
+    assert reuse_run(config, run_dir, quiet=True) == json.loads(before)
+    assert (run_dir / "summary.json").read_text() == before

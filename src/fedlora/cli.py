@@ -105,6 +105,59 @@ def run_one(
     return summary
 
 
+#: Settings a run directory may differ in and still be reused: where it lives and how long it runs.
+_REUSABLE_DIFFERENCES = {"run.name", "run.out", "run.rounds"}
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """Every setting of ``config`` as ``section.key``, the algorithm's options with their defaults filled in."""
+    import dataclasses
+
+    from fedlora.algorithms import get_algorithm, parse_options
+
+    sections = config.to_dict()
+    options = parse_options(get_algorithm(config.algorithm_name), config.algorithm_options)
+    sections["algorithm"] = {"name": config.algorithm_name, **dataclasses.asdict(options)}
+    return {f"{section}.{key}": value for section, keys in sections.items() for key, value in keys.items()}
+
+
+def reuse_run(config: Any, run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """Run ``config`` into ``run_dir``, reusing what the directory holds; return the summary.
+
+    An empty or missing directory gets a fresh run. A run with the same settings is
+    returned as it is when it has ``config.run.rounds`` rounds, continued from its latest
+    checkpoint when it was interrupted, and extended when it is shorter (exact: no
+    algorithm depends on the total number of rounds). A run with other settings, a longer
+    run, or a directory that holds something else is refused.
+    """
+    from fedlora.checkpoint import write_atomic
+    from fedlora.config import load_config
+
+    saved_file = run_dir / "config.toml"
+    if not saved_file.is_file():
+        return run_one(config, run_dir, resume=False, overwrite=False, quiet=quiet)
+    saved = load_config(saved_file)
+    old, new = _settings(saved), _settings(config)
+    differs = sorted(k for k in old.keys() | new.keys() if k not in _REUSABLE_DIFFERENCES and old.get(k) != new.get(k))
+    if differs:
+        shown = ", ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} here" for k in differs[:3])
+        raise FedLoraError(
+            f"{run_dir} holds a run with other settings ({shown}); pass --overwrite or choose another --out"
+        )
+    if saved.run.rounds > config.run.rounds:
+        raise FedLoraError(
+            f"{run_dir} holds a {saved.run.rounds}-round run, asked for {config.run.rounds}; "
+            "pass --overwrite or choose another --out"
+        )
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        summary: dict[str, Any] = json.loads(summary_file.read_text())
+        if summary["rounds"] == config.run.rounds:
+            return summary
+    write_atomic(saved_file, config.to_toml().encode())
+    return run_one(config, run_dir, resume=True, overwrite=False, quiet=quiet)
+
+
 def _load(args: argparse.Namespace) -> Any:
     from fedlora.config import load_config
 
@@ -193,7 +246,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def run_dir_of(spec: str, seed: int) -> Path:
         return out / f"{spec.replace(':', '_').replace('=', '-')}_s{seed}"
 
-    if not args.overwrite:
+    if args.reuse and args.overwrite:
+        raise FedLoraError("--reuse keeps the runs --overwrite would replace: pass one of them")
+    if not args.overwrite and not args.reuse:
         taken = [out / f for f in ("comparison.md", "comparison.json") if (out / f).exists()]
         taken += [d for d in (run_dir_of(v, s) for v in variants for s in seeds) if d.exists() and any(d.iterdir())]
         if taken:
@@ -209,7 +264,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             config.algorithm = dict(algorithm)
             run_dir = run_dir_of(spec, seed)
             summaries.setdefault(spec, []).append(
-                run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
+                reuse_run(config, run_dir, quiet=args.quiet)
+                if args.reuse
+                else run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
             )
             run_dirs.append(run_dir)
     table, data = comparison_table(summaries)
@@ -347,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated algorithms, each optionally with options: fedit,fedtreelora:fixed_k=4:tau=0.3",
     )
     p_cmp.add_argument("--seeds", help="comma-separated seeds (default: run.seed)")
+    p_cmp.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep finished runs with the same settings; continue interrupted ones, extend shorter ones",
+    )
     p_cmp.set_defaults(func=cmd_compare)
 
     p_list = sub.add_parser("list", help="algorithms, models, datasets and partitioners")
