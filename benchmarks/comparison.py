@@ -5,7 +5,8 @@ shared classification head; ``rotten_tomatoes`` and ``bbc_news``; 3 seeds. Metho
 local, fedit, ffa, fedex, fedsa, feddpa, fedalt, fedlease, fedtreelora, plus a
 centralized reference (one client holding every client's training data, trained for the
 same total number of steps). Algorithms this build does not have are skipped with a
-message. Runs whose ``summary.json`` exists under ``--out`` are read back, not rerun.
+message. Runs already under ``--out`` with the same settings are read back (shorter ones
+extended, interrupted ones continued; see ``common.run_config``).
 
 Columns: final and best personalized accuracy (mean ± std over seeds, with the rounds
 the best comes from), trainable parameters (% of the model), upload and download bytes

@@ -8,7 +8,7 @@ plus the two references of every comparison: ``local`` (no communication) and
 Settings: (a) cross-silo, 10 clients, all participate; (b) cross-device, 50 clients,
 20% per round. Reported: the final round's global accuracy (union of the clients' test
 splits) and personalized accuracy (mean over clients), mean +- std over seeds. Runs
-whose ``summary.json`` already exists under ``--out`` are read back, not rerun, so
+already under ``--out`` with the same settings are read back (``common.run_config``), so
 methods can run in separate processes and a last call with every method writes the table.
 
 Full benchmark (many hours on 2 CPU cores)::

@@ -8,8 +8,8 @@
     personalized accuracy against ``d``: the best ``d`` should move shallower as alpha
     shrinks (clients grow more heterogeneous).
 
-Every run uses ``configs/default.toml`` with the overrides below; runs whose
-``summary.json`` already exists under ``--out`` are read back, not rerun. Writes
+Every run uses ``configs/default.toml`` with the overrides below; runs already
+under ``--out`` with the same settings are read back (``common.run_config``). Writes
 ``results.json`` and ``results.md`` into ``--out`` (``results_vertical.*`` or
 ``results_sweep.*`` with ``--part``) and the sweep plot into ``--img-dir``.
 
