@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedlora.algorithms import Update, get_algorithm, parse_options
+from fedlora.algorithms import Update, get_algorithm, parse_options, registry
 from fedlora.algorithms.fedhl import fedhl_weights
 from fedlora.algorithms.lowrank import delta_key, stacked_product, top_svd
 from fedlora.cli import main
@@ -61,6 +61,26 @@ def three_clients_ranks_2_4_8() -> dict[int, Update]:
         1: lora([[2.0]] * 4, [[1.0] * 4], n=1),
         2: lora([[4.0]] * 8, [[0.5] * 8], n=2),
     }
+
+
+MIXED_RANK_METHODS = {"local", "zeropad", "hetlora", "flexlora", "flora", "fedhl"}
+ONE_RANK_METHODS = {"fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "sharedepth", "fedtreelora"}
+
+
+def test_every_registered_algorithm_says_whether_it_takes_mixed_ranks() -> None:
+    assert {name for name, cls in registry().items() if cls.mixed_ranks} == MIXED_RANK_METHODS
+    assert {name for name, cls in registry().items() if not cls.mixed_ranks} == ONE_RANK_METHODS
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_RANK_METHODS | ONE_RANK_METHODS))
+def test_only_the_heterogeneous_rank_family_accepts_mixed_ranks(name: str) -> None:
+    ctx = make_ctx({0: 10, 1: 10, 2: 10}, shapes={MID: (8, 8)}, rank=4, ranks={0: 2, 1: 4, 2: 4})
+    if name in ONE_RANK_METHODS:
+        with pytest.raises(FedLoraError, match=f"{name} needs one rank for all clients"):
+            build(name, ctx)
+    else:
+        build(name, ctx)
+    build(name, make_ctx({0: 10, 1: 10, 2: 10}, shapes={MID: (8, 8)}, rank=4))
 
 
 def test_zeropad_padded_weighted_mean_by_hand() -> None:

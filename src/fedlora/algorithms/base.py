@@ -153,11 +153,15 @@ class Algorithm(ABC):
     description: ClassVar[str]
     paper: ClassVar[str] = ""
     options_class: ClassVar[type[Options]] = Options
+    #: Whether clients may hold different LoRA ranks (``model.ranks``); the others refuse them.
+    mixed_ranks: ClassVar[bool] = False
     #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern (a
     #: subclass may set it per instance, from its options).
     lr_multipliers: Mapping[str, float] = {}
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
+        if not self.mixed_ranks and len(set(ctx.ranks.values())) > 1:
+            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         self.ctx = ctx
         self.options = options
 

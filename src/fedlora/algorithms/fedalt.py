@@ -64,8 +64,6 @@ class FedAlt(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         if len(ctx.client_ids) < 2:
             raise FedLoraError(f"{self.name} needs at least 2 clients (the rest of the world is the others)")
         slots = (SlotSpec(LOCAL, ctx.rank, ctx.alpha), SlotSpec(WORLD, ctx.rank, ctx.alpha, False, False))

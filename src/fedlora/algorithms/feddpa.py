@@ -86,8 +86,6 @@ class FedDpa(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         w = self.options.local_weight
         slots = (SlotSpec(GLOBAL, ctx.rank, ctx.alpha, weight=1.0 - w), SlotSpec(LOCAL, ctx.rank, ctx.alpha, weight=w))
         self.layout = Layout.uniform(ctx.module_ids, ModuleLayout(slots=slots))

@@ -38,7 +38,6 @@ from fedlora.algorithms.base import (
     register,
     weighted_mean,
 )
-from fedlora.errors import FedLoraError
 from fedlora.lora import BASE_SLOT, Layout, ModuleLayout, SlotSpec, init_state, make_key, num_bytes
 
 SLOT = "lora"
@@ -54,8 +53,6 @@ class FedEx(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         spec = SlotSpec(SLOT, ctx.rank, ctx.alpha)
         self.scaling = spec.scaling
         self.layout = Layout.uniform(ctx.module_ids, ModuleLayout(slots=(spec,), folded=True))

@@ -27,7 +27,6 @@ from fedlora.algorithms.base import (
     register,
     weighted_mean,
 )
-from fedlora.errors import FedLoraError
 from fedlora.lora import init_state
 
 
@@ -43,8 +42,6 @@ class FedIt(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         self.layout = self.lora_layout(train_a=self.train_a)
         trained = set(self.layout.trainable_keys())
         init = init_state(self.layout, ctx.module_shapes, ctx.seed)

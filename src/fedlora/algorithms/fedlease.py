@@ -124,8 +124,6 @@ class FedLease(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         self.warmup_layout = self.lora_layout(slot=WARMUP_SLOT)
         self.clusters: dict[int, int] = {}
         self.experts: dict[int, Tensors] = {}

@@ -27,7 +27,6 @@ from fedlora.algorithms.base import (
     register,
     weighted_mean,
 )
-from fedlora.errors import FedLoraError
 from fedlora.lora import init_state, parse_key
 
 
@@ -41,8 +40,6 @@ class FedSa(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         self.layout = self.lora_layout()
         init = init_state(self.layout, ctx.module_shapes, ctx.seed)
         self.shared_a: Tensors = {k: v for k, v in init.items() if parse_key(k).factor == "A"}

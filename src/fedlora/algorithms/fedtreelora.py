@@ -341,8 +341,6 @@ class FedTreeLora(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         opts = self.options
         if opts.fixed_k > len(ctx.client_ids):
             raise FedLoraError(

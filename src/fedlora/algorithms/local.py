@@ -15,6 +15,7 @@ from fedlora.algorithms.base import Algorithm, Payload, Update, register
 class Local(Algorithm):
     name = "local"
     description = "no communication: each client trains its own LoRA (personalization floor)"
+    mixed_ranks = True
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         return {c: Payload(self.lora_layout(self.ctx.ranks[c]), {}, upload=()) for c in clients}

@@ -121,6 +121,8 @@ class DenseUpdateAlgorithm(Algorithm):
     the per-rank layouts, the global payload, the SVD truncations and checkpointing.
     """
 
+    mixed_ranks = True
+
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
         self.delta: dict[ModuleId, torch.Tensor] = {

@@ -71,8 +71,6 @@ class ShareDepth(Algorithm):
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
-        if len(set(ctx.ranks.values())) > 1:
-            raise FedLoraError(f"{self.name} needs one rank for all clients; use a heterogeneous-rank method")
         opts = self.options
         if opts.depth > ctx.num_layers:
             raise FedLoraError(

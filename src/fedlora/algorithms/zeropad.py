@@ -56,6 +56,7 @@ class ZeroPad(Algorithm):
     description = "zero-padding: server factors at r_max, clients take the leading r_k, padded factor-wise mean"
     options_class: ClassVar[type[Options]] = WeightingOptions
     options: WeightingOptions
+    mixed_ranks = True
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
