@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,46 @@ ROOT = Path(__file__).parent.parent
 
 #: The option that sets the local warmup length, for the algorithms that have one.
 WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
+
+
+def federation_overrides(
+    args: argparse.Namespace,
+    dataset: str,
+    seed: int,
+    *,
+    alpha: float,
+    partition: str = "dirichlet",
+    clients: int | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    steps: int | None = None,
+) -> list[str]:
+    """Config overrides of the FedTreeLoRA paper's NLU federation, from a benchmark's arguments.
+
+    Rank ``args.rank`` (alpha twice the rank) on query and value, frozen seeded head, one
+    evaluation per round. ``clients``, ``max_train``, ``max_test`` and ``steps`` replace the
+    argument of that name (the centralized reference pools the clients into one).
+    """
+    return [
+        f"model.name='{args.model}'",
+        f"model.rank={args.rank}",
+        f"model.alpha={2.0 * args.rank}",
+        "model.head='frozen'",
+        "model.target_modules=['query', 'value']",
+        f"data.dataset='{dataset}'",
+        f"data.partition='{partition}'",
+        f"data.alpha={alpha}",
+        f"data.num_clients={clients if clients is not None else args.clients}",
+        f"data.max_train_per_client={max_train if max_train is not None else args.max_train}",
+        f"data.max_test_per_client={max_test if max_test is not None else args.max_test}",
+        f"data.max_length={args.max_length}",
+        f"run.seed={seed}",
+        f"run.rounds={args.rounds}",
+        f"train.local_steps={steps if steps is not None else args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        "eval.every=1",
+    ]
 
 
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_OPTION, accuracies, mean_std, run_config
+from common import WARMUP_OPTION, accuracies, federation_overrides, mean_std, run_config
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -42,35 +42,23 @@ CENTRALIZED = "centralized"
 
 
 def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str) -> list[str]:
-    clients, max_train, max_test, steps = args.clients, args.max_train, args.max_test, args.steps
-    partition = "dirichlet"
-    warmup = [f"algorithm.{WARMUP_OPTION[algorithm]}={args.warmup_rounds}"] if algorithm in WARMUP_OPTION else []
     if algorithm == CENTRALIZED:
         # One client with every client's data cap, trained for the federation's total steps.
-        clients, max_train, max_test, steps = 1, clients * max_train, clients * max_test, clients * steps
-        partition, algorithm = "iid", "local"
-    return [
-        f"model.name='{args.model}'",
-        f"model.rank={args.rank}",
-        f"model.alpha={2.0 * args.rank}",
-        "model.head='frozen'",
-        "model.target_modules=['query', 'value']",
-        f"data.dataset='{dataset}'",
-        f"data.partition='{partition}'",
-        f"data.alpha={args.alpha}",
-        f"data.num_clients={clients}",
-        f"data.max_train_per_client={max_train}",
-        f"data.max_test_per_client={max_test}",
-        f"data.max_length={args.max_length}",
-        f"run.seed={seed}",
-        f"run.rounds={args.rounds}",
-        f"train.local_steps={steps}",
-        f"train.batch_size={args.batch_size}",
-        f"train.lr={args.lr}",
-        "eval.every=1",
-        f"algorithm.name='{algorithm}'",
-        *warmup,
-    ]
+        n = args.clients
+        pooled = federation_overrides(
+            args,
+            dataset,
+            seed,
+            alpha=args.alpha,
+            partition="iid",
+            clients=1,
+            max_train=n * args.max_train,
+            max_test=n * args.max_test,
+            steps=n * args.steps,
+        )
+        return [*pooled, "algorithm.name='local'"]
+    warmup = [f"algorithm.{WARMUP_OPTION[algorithm]}={args.warmup_rounds}"] if algorithm in WARMUP_OPTION else []
+    return [*federation_overrides(args, dataset, seed, alpha=args.alpha), f"algorithm.name='{algorithm}'", *warmup]
 
 
 def row(summaries: list[dict[str, Any]]) -> dict[str, Any]:

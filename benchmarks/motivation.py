@@ -30,30 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, accuracies, mean_std, run_config
-
-
-def base_overrides(args: argparse.Namespace, dataset: str, seed: int, alpha: float) -> list[str]:
-    return [
-        f"model.name='{args.model}'",
-        f"model.rank={args.rank}",
-        f"model.alpha={2.0 * args.rank}",
-        "model.head='frozen'",
-        "model.target_modules=['query', 'value']",
-        f"data.dataset='{dataset}'",
-        "data.partition='dirichlet'",
-        f"data.alpha={alpha}",
-        f"data.num_clients={args.clients}",
-        f"data.max_train_per_client={args.max_train}",
-        f"data.max_test_per_client={args.max_test}",
-        f"data.max_length={args.max_length}",
-        f"run.seed={seed}",
-        f"run.rounds={args.rounds}",
-        f"train.local_steps={args.steps}",
-        f"train.batch_size={args.batch_size}",
-        f"train.lr={args.lr}",
-        "eval.every=1",
-    ]
+from common import ROOT, accuracies, federation_overrides, mean_std, run_config
 
 
 def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
@@ -72,7 +49,7 @@ def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
                 run_config(
                     Path(args.out),
                     f"vertical_{dataset}_{tag}_s{seed}",
-                    [*base_overrides(args, dataset, seed, args.vertical_alpha), *algorithm],
+                    [*federation_overrides(args, dataset, seed, alpha=args.vertical_alpha), *algorithm],
                 )
                 for seed in args.seeds
             ]
@@ -90,7 +67,7 @@ def sweep(args: argparse.Namespace) -> dict[str, dict[str, dict[str, dict[str, A
                     run_config(
                         Path(args.out),
                         f"sweep_{dataset}_a{alpha:g}_d{depth}_s{seed}",
-                        [*base_overrides(args, dataset, seed, alpha), *algorithm],
+                        [*federation_overrides(args, dataset, seed, alpha=alpha), *algorithm],
                     )
                     for seed in args.seeds
                 ]
