@@ -236,6 +236,26 @@ def test_report_compare_draws_several_runs(tmp_path: Path) -> None:
     assert main(["report", str(a), str(tmp_path), "--compare", str(out)]) == 2
 
 
+def test_report_compare_averages_runs_with_one_label(tmp_path: Path) -> None:
+    from fedlora.report import group_curves, run_curves
+
+    s0 = _fake_run(tmp_path / "s0", "fedit", [(0.5, 1.5), (0.7, 1.25), (0.75, 1.0)])
+    s1 = _fake_run(tmp_path / "s1", "fedit", [(0.7, 1.0), (None, None), (0.95, 0.5)])
+    other = _fake_run(tmp_path / "o", "local", [(0.25, 2.0)])
+    groups = group_curves([run_curves(d) for d in (s0, s1, other)], ["fedit", "fedit", "local"])
+    assert [g["label"] for g in groups] == ["fedit", "local"]
+    fedit = groups[0]
+    # round 2 was not evaluated in s1: only rounds 1 and 3 are common
+    assert fedit["runs"] == 2 and fedit["rounds"] == [1, 3]
+    assert fedit["score_mean"] == pytest.approx([0.6, 0.85])
+    assert fedit["score_std"] == pytest.approx([0.1, 0.1])
+    assert fedit["loss_mean"] == pytest.approx([1.25, 0.75])
+    assert groups[1]["score_std"] == [0.0]
+    out = tmp_path / "seeds.png"
+    assert main(["report", str(s0), str(s1), str(other), "--compare", str(out), "--labels", "fedit,fedit,local"]) == 0
+    assert out.stat().st_size > 0
+
+
 def test_compare_algorithm_variants(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", SMOKE, "--algorithms", "fedit,fedit:weighting='uniform'", "--out", str(out), "--quiet",

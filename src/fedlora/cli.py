@@ -421,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument(
         "--compare", metavar="OUT.png", help="one figure of all the runs: personalized score and test loss by round"
     )
-    p_rep.add_argument("--labels", help="comma-separated legend labels for --compare, one per run (default: algorithm)")
+    p_rep.add_argument(
+        "--labels",
+        help="comma-separated legend labels for --compare, one per run (default: algorithm); "
+        "runs with the same label are drawn as their mean with a +-1 std band",
+    )
     p_rep.set_defaults(func=cmd_report)
 
     p_exp = sub.add_parser("export", help="export a client's (or the global) model: peft adapter or merged weights")

@@ -92,17 +92,57 @@ def run_curves(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def group_curves(curves: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Runs with the same label as one curve: the mean and population std over the runs.
+
+    Only the rounds every run of the group evaluated are kept; a round without a test loss
+    in some run gets no loss (None). Groups come in the order their labels first appear.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for label, curve in zip(labels, curves, strict=True):
+        groups.setdefault(label, []).append(curve)
+    out = []
+    for label, members in groups.items():
+        rounds = sorted(set.intersection(*(set(c["rounds"]) for c in members)))
+        at = [{r: i for i, r in enumerate(c["rounds"])} for c in members]
+        scores = np.array([[c["score"][idx[r]] for r in rounds] for c, idx in zip(members, at, strict=True)])
+        losses = [[c["loss"][idx[r]] for c, idx in zip(members, at, strict=True)] for r in rounds]
+        out.append(
+            {
+                "label": label,
+                "runs": len(members),
+                "metric": members[0]["metric"],
+                "rounds": rounds,
+                "score_mean": scores.mean(axis=0).tolist(),
+                "score_std": scores.std(axis=0).tolist(),
+                "loss_mean": [float(np.mean(ls)) if None not in ls else None for ls in losses],
+            }
+        )
+    return out
+
+
 def draw_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
     """One figure of several runs: personalized score (mean over clients) and personalized test
-    loss against the round, one line per run (labelled by ``labels`` or the algorithm name)."""
+    loss against the round, one line per run (labelled by ``labels`` or the algorithm name).
+
+    Runs given the same label (several seeds of one method) are drawn as one line, their
+    mean, with a band of one standard deviation over the runs around the score.
+    """
     if labels is not None and len(labels) != len(run_dirs):
         raise FedLoraError(f"{len(labels)} labels for {len(run_dirs)} runs: give one label per run directory")
     curves = [run_curves(d) for d in run_dirs]
+    if labels is None:  # every run its own line, even two runs of one algorithm (numbered)
+        names = [str(c["algorithm"]) for c in curves]
+        labels = [n if names.count(n) == 1 else f"{n} #{names[: i + 1].count(n)}" for i, n in enumerate(names)]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, c in enumerate(curves):
-        label = labels[i] if labels is not None else c["algorithm"]
-        ax_acc.plot(c["rounds"], c["score"], marker="o", ms=3, label=label)
-        ax_loss.plot(c["rounds"], c["loss"], marker="o", ms=3, label=label)
+    for g in group_curves(curves, labels):
+        label = g["label"] + (f" (mean of {g['runs']} runs)" if g["runs"] > 1 else "")
+        mean, std = np.array(g["score_mean"]), np.array(g["score_std"])
+        (line,) = ax_acc.plot(g["rounds"], mean, marker="o", ms=3, label=label)
+        if g["runs"] > 1:
+            ax_acc.fill_between(g["rounds"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        loss = [np.nan if v is None else v for v in g["loss_mean"]]
+        ax_loss.plot(g["rounds"], loss, marker="o", ms=3, label=label)
     metric = curves[0]["metric"] if curves else "accuracy"
     ax_acc.set(xlabel="round", ylabel=f"personalized {metric} (mean over clients)")
     ax_loss.set(xlabel="round", ylabel="personalized test loss")
