@@ -303,6 +303,13 @@ def test_compare_reuse_keeps_continues_extends_and_refuses(tmp_path: Path, capsy
     assert "holds a 2-round run, asked for 1" in capsys.readouterr().err
     assert main([*base, "--reuse", "--overwrite"]) == 2
     assert _rows(run_dir) == _rows(straight)
+    stray = tmp_path / "stray"
+    (stray / "fedit_s0").mkdir(parents=True)
+    (stray / "fedit_s0" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["compare", SMOKE, "--algorithms", "fedit", "--out", str(stray), "--quiet", "--reuse"]) == 2
+    assert "holds no fedlora run" in capsys.readouterr().err
+    assert (stray / "fedit_s0" / "notes.txt").read_text() == "mine"
 
 
 def test_reuse_run_fills_in_option_defaults(tmp_path: Path) -> None:

@@ -135,6 +135,10 @@ def reuse_run(config: Any, run_dir: Path, *, quiet: bool = False) -> dict[str, A
 
     saved_file = run_dir / "config.toml"
     if not saved_file.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FedLoraError(
+                f"{run_dir} is not empty but holds no fedlora run; pass --overwrite or choose another --out"
+            )
         return run_one(config, run_dir, resume=False, overwrite=False, quiet=quiet)
     saved = load_config(saved_file)
     old, new = _settings(saved), _settings(config)
