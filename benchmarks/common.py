@@ -17,6 +17,27 @@ ROOT = Path(__file__).parent.parent
 WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
 
 
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (an argparse type)."""
+    return [int(x) for x in text.split(",")]
+
+
+def add_federation_arguments(p: argparse.ArgumentParser, *, clients: int, rounds: int) -> None:
+    """The arguments :func:`federation_overrides` reads, with the full-size defaults (``clients``, ``rounds``)."""
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--datasets", type=lambda s: s.split(","), default=["rotten_tomatoes", "bbc_news"])
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    p.add_argument("--clients", type=int, default=clients)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--steps", type=int, default=8, help="local steps per round")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
+    p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
+    p.add_argument("--max-length", type=int, default=64)
+
+
 def federation_overrides(
     args: argparse.Namespace,
     dataset: str,

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_OPTION, accuracies, federation_overrides, mean_std, run_config
+from common import WARMUP_OPTION, accuracies, add_federation_arguments, federation_overrides, mean_std, run_config
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -97,20 +97,9 @@ def parser(description: str | None, out: str, methods: list[str]) -> argparse.Ar
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=out)
     p.add_argument("--methods", type=lambda s: s.split(","), default=methods)
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--datasets", type=lambda s: s.split(","), default=["rotten_tomatoes", "bbc_news"])
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--clients", type=int, default=20)
+    add_federation_arguments(p, clients=20, rounds=25)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
-    p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--warmup-rounds", type=int, default=5, help="local warmup of fedtreelora and fedlease")
-    p.add_argument("--steps", type=int, default=8, help="local steps per round")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
-    p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
-    p.add_argument("--max-length", type=int, default=64)
     return p
 
 

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, accuracies, federation_overrides, mean_std, run_config
+from common import ROOT, accuracies, add_federation_arguments, federation_overrides, int_list, mean_std, run_config
 
 
 def vertical(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
@@ -134,30 +134,16 @@ def parse_args() -> argparse.Namespace:
     def floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
 
-    def ints(text: str) -> list[int]:
-        return [int(x) for x in text.split(",")]
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/motivation", help="run directories and results.{json,md}")
     p.add_argument("--img-dir", default=str(ROOT / "docs" / "img"), help="where the sweep plots go")
     p.add_argument("--stem", default="motivation_sweep", help="file name stem of the sweep plots")
     p.add_argument("--part", choices=("vertical", "sweep", "all"), default="all")
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--datasets", type=lambda s: s.split(","), default=["rotten_tomatoes", "bbc_news"])
-    p.add_argument("--seeds", type=ints, default=[0, 1, 2])
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--steps", type=int, default=8, help="local steps per round")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
-    p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
-    p.add_argument("--max-length", type=int, default=64)
+    add_federation_arguments(p, clients=10, rounds=20)
     p.add_argument("--k", type=int, default=3, help="layers shared in part (1): shallow:k against deep:k")
     p.add_argument("--vertical-alpha", type=float, default=0.5, help="Dirichlet alpha of part (1)")
     p.add_argument("--alphas", type=floats, default=[0.1, 0.5, 1.0, 10.0], help="Dirichlet alphas of part (2)")
-    p.add_argument("--depths", type=ints, default=[0, 1, 2, 3, 4, 5, 6], help="share depths of part (2)")
+    p.add_argument("--depths", type=int_list, default=[0, 1, 2, 3, 4, 5, 6], help="share depths of part (2)")
     return p.parse_args()
 
 
