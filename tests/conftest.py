@@ -18,6 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One worker per core (`pytest -n 2`): a second torch thread per worker would only contend.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @contextmanager
 def sockets_blocked() -> Iterator[None]:
