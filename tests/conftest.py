@@ -43,10 +43,23 @@ def sockets_blocked() -> Iterator[None]:
         socket.socket.connect, socket.socket.connect_ex, socket.create_connection, socket.getaddrinfo = saved  # type: ignore[method-assign]
 
 
+#: Name of the model cache in pytest's base temp directory.
+CACHE_NAME = "fedlora-cache"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One model cache for the session (FEDLORA_CACHE): conversions happen once, never in ~/.cache."""
-    path = tmp_path_factory.mktemp("fedlora-cache")
+    """One model cache for the session (FEDLORA_CACHE): conversions happen once, never in ~/.cache.
+
+    The workers of ``pytest -n`` share one cache in the base temp directory above theirs (an
+    entry is built in a temp directory and renamed into place, so concurrent builds are safe);
+    the controlling process deletes it when the session ends.
+    """
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        path = tmp_path_factory.getbasetemp().parent / CACHE_NAME
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp(CACHE_NAME, numbered=False)
     previous = os.environ.get("FEDLORA_CACHE")
     os.environ["FEDLORA_CACHE"] = str(path)
     yield path
@@ -54,13 +67,28 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ.pop("FEDLORA_CACHE", None)
     else:
         os.environ["FEDLORA_CACHE"] = previous
-    shutil.rmtree(path, ignore_errors=True)  # ~540 MB with SmolLM2
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete the session's model cache (~540 MB with SmolLM2) in the process that owns the base temp."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        shutil.rmtree(factory.getbasetemp() / CACHE_NAME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def smollm2_first_load(shared_cache_dir: Path) -> Any:
-    """Convert SmolLM2's GGUF once for the session (20-30 s), with the network blocked."""
+    """Convert SmolLM2's GGUF once for the session (20-30 s), with the network blocked.
+
+    A file lock in the cache makes the workers of ``pytest -n`` take turns: the first
+    converts, the others find the finished entry.
+    """
+    import fcntl
+
     from fedlora.models import load_model
 
-    with sockets_blocked():
+    with (shared_cache_dir / ".smollm2.lock").open("w") as lock, sockets_blocked():
+        fcntl.flock(lock, fcntl.LOCK_EX)
         return load_model("smollm2-135m", task="causal_lm")

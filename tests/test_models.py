@@ -396,7 +396,7 @@ def test_smollm2_conversion_is_cached_and_sensible(
     assert "quantization_config" not in config and config["model_type"] == "llama"
     for file in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", models._MARKER):
         assert (source / file).is_file(), file
-    assert not list(shared_cache.glob(".*tmp-*"))  # no half-written conversion left behind
+    assert not list(shared_cache.glob(".smollm2-135m.tmp-*"))  # no half-written conversion left behind
     weights_mtime = (source / "model.safetensors").stat().st_mtime_ns
 
     def no_gguf(out: Path) -> None:
