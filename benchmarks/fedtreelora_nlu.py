@@ -11,6 +11,8 @@ reference (one client with all the training data, the federation's total steps).
 Opt-in sensitivity variants (name them in ``--methods``): ``warmup_rounds=4``, ``tau=0.1``
 and ``lambda_lr_mult=100``, the three knobs to turn when fedtreelora trails ``local``; their
 values are sized for the reduced runs (``--warmup-rounds 2``, tau 0.2, multiplier 10).
+Variants of fedtreelora combine with ``+``: ``no_external+tau=0.1`` is the ablation at the
+lower split threshold (its run directory is ``DATASET_no_external+tau0.1_sSEED``).
 
 Writes ``OUT/fedtreelora_nlu.{md,json}``: final and best personalized accuracy (mean ±
 std over seeds), trainable share, bytes per round, the paper's numbers beside.
@@ -56,13 +58,24 @@ PAPER = {
 }
 
 
-def main() -> None:
-    args = parser(__doc__, "runs/comparison", list(VARIANTS)).parse_args()
+def variant(name: str) -> tuple[str, list[str]]:
+    """The algorithm and overrides of ``name``: one known variant, or fedtreelora variants
+    joined by ``+`` (their overrides concatenated, left to right)."""
     known = {**VARIANTS, **SENSITIVITY}
-    unknown = sorted(set(args.methods) - set(known))
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in known]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(known)}")
-    table = run_table(args, {name: known[name] for name in args.methods})
+    if len(parts) == 1:
+        return known[name]
+    if any(known[part][0] != "fedtreelora" for part in parts):
+        raise SystemExit(f"{name}: only fedtreelora variants combine with '+'")
+    return "fedtreelora", [item for part in parts for item in known[part][1]]
+
+
+def main() -> None:
+    args = parser(__doc__, "runs/comparison", list(VARIANTS)).parse_args()
+    table = run_table(args, {name: variant(name) for name in args.methods})
     print(write(args, table, PAPER, "fedtreelora_nlu"))
 
 
