@@ -200,6 +200,12 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     lora_bytes = 2 * 2 * 256 * 4  # tiny-bert: 2 layers x (query, value), rank 4, fp32
     assert aggregates[0]["bytes_up"] == 2 * lora_bytes and aggregates[1]["bytes_up"] == lora_bytes
     assert aggregates[1]["personalized_acc_mean"] is not None and aggregates[1]["global_acc"] is not None
+    # The ServerApp's log reaches `flwr run --stream` through the SuperLink's log stream, which can
+    # lag behind the files the run writes: read it once the stream has ended or carries the line.
+    deadline = time.monotonic() + 60
+    while dep.procs["flwr-run"].poll() is None and "left out" not in dep.log("flwr-run"):
+        assert time.monotonic() < deadline, dep.log("flwr-run")[-3000:]
+        time.sleep(0.5)
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
