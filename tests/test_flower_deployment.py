@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def wait_until(done: Callable[[], bool], seconds: float, explain: Callable[[], str]) -> None:
+    """Poll ``done`` every half second; fail with ``explain()`` (the relevant logs) after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, explain()
+        time.sleep(0.5)
 
 
 @dataclass
@@ -160,10 +168,11 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     config = dep.root / "run.toml"
     config.write_text(CONFIG)
     out = dep.root / "out"
-    deadline = time.monotonic() + 180
-    while not all("SuperNode ID" in dep.log(f"supernode{i}") for i in range(2)):
-        assert time.monotonic() < deadline, dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:]
-        time.sleep(0.5)
+    wait_until(
+        lambda: all("SuperNode ID" in dep.log(f"supernode{i}") for i in range(2)),
+        180,
+        lambda: dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:],
+    )
     # --stream keeps `flwr run` attached: the ServerApp's log comes back through it.
     dep.start(
         "flwr-run",
@@ -202,10 +211,11 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     assert aggregates[1]["personalized_acc_mean"] is not None and aggregates[1]["global_acc"] is not None
     # The ServerApp's log reaches `flwr run --stream` through the SuperLink's log stream, which can
     # lag behind the files the run writes: read it once the stream has ended or carries the line.
-    deadline = time.monotonic() + 60
-    while dep.procs["flwr-run"].poll() is None and "left out" not in dep.log("flwr-run"):
-        assert time.monotonic() < deadline, dep.log("flwr-run")[-3000:]
-        time.sleep(0.5)
+    wait_until(
+        lambda: dep.procs["flwr-run"].poll() is not None or "left out" in dep.log("flwr-run"),
+        60,
+        lambda: dep.log("flwr-run")[-3000:],
+    )
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
