@@ -119,11 +119,12 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
 
 
 def mean_std(values: list[float]) -> str:
+    """``values`` in % as ``mean ± population std`` (as every other benchmark table), one value alone."""
     if not values:
         return "-"
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.pstdev(values):.1f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
