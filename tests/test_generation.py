@@ -278,3 +278,10 @@ def test_a_trained_head_is_refused_for_causal_lm(tmp_path: Path, capsys: pytest.
     qa_only = ["--set", "data.dataset='instruct_mix:qa'", "--set", "model.head='local'"]
     assert main(["run", NLG_SMOKE, "--out", str(tmp_path / "x"), "--quiet", *qa_only]) != 0
     assert "model.head" in capsys.readouterr().err
+
+
+def test_per_class_evaluation_points_generation_runs_to_their_groups(
+    fedit_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(fedit_run)]) == 2
+    assert "'groups' field" in capsys.readouterr().err

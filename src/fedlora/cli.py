@@ -1,4 +1,4 @@
-"""The ``fedlora`` command: run, compare, list, report, export, flower.
+"""The ``fedlora`` command: run, compare, list, report, export, evaluate, flower.
 
 Every mistake a user can make (config, files, names, shapes) ends in one line on stderr
 and exit code 2, never a traceback.
@@ -347,6 +347,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedlora.evaluate import evaluate_run
+
+    results = [evaluate_run(Path(d), client=args.client) for d in args.run_dirs]
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print("\n\n".join(r.table() for r in results))
+    return 0
+
+
 def _flower() -> Any:
     try:
         import flwr  # noqa: F401
@@ -441,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--merged", action="store_true", help="write the merged model (transformers save_pretrained)")
     form.add_argument("--rank", type=int, default=None, help="write a peft LoRA of this rank (truncated SVD)")
     p_exp.set_defaults(func=cmd_export)
+
+    p_ev = sub.add_parser(
+        "evaluate", help="score a run's global (or one client's) model per class, with who holds each class"
+    )
+    p_ev.add_argument("run_dirs", nargs="+", metavar="run_dir")
+    p_ev.add_argument("--client", type=int, default=None, help="client id (default: the global model)")
+    p_ev.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
+    p_ev.set_defaults(func=cmd_evaluate)
 
     p_fl = sub.add_parser("flower", help="run on Flower (pip install 'fedlora[flower]'; see docs/deploy.md)")
     fl = p_fl.add_subparsers(dest="flower_command", required=True)

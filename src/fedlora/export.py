@@ -20,7 +20,9 @@ weight, and is refused with a clear error.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,9 +33,27 @@ from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, PeftAdapter, adapter_from_slots, save_peft
 from fedlora.models import LoadedModel, load_model
 
+if TYPE_CHECKING:
+    from fedlora.algorithms import Payload
+    from fedlora.simulation import Simulation
 
-def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
-    """Restore the run (read only), load the requested model; return (loaded, lora model, algorithm)."""
+
+@dataclass
+class RestoredModel:
+    """A run's model as restored by :func:`restore_model`, loaded into ``sim.fed.runner``."""
+
+    sim: Simulation
+    client: int | None
+    """The client whose personalized model is loaded; None for the global model."""
+    payload: Payload
+
+    @property
+    def algorithm(self) -> str:
+        return self.sim.fed.config.algorithm_name
+
+
+def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
+    """Restore the run (read only) and load ``client``'s model, or the global one, into its runner."""
     from fedlora.simulation import Simulation
 
     config_file = run_dir / "config.toml"
@@ -47,7 +67,7 @@ def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraMo
         payload = fed.algorithm.global_payload()
         if payload is None:
             raise FedLoraError(
-                f"{config.algorithm_name} has no global model; export one client's model with --client K "
+                f"{config.algorithm_name} has no global model; choose one client's model with --client K "
                 f"(0..{len(fed.client_ids) - 1})"
             )
         private = {}
@@ -56,13 +76,20 @@ def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraMo
             raise FedLoraError(f"--client {client}: the run has clients 0..{len(fed.client_ids) - 1}")
         payload = fed.algorithm.configure(sim.next_round, [client])[client]
         private = sim.store.get(client)
-    if payload.instance_weighting is not None:
+    fed.runner.load(payload, private, fed.head.payload())
+    return RestoredModel(sim, client, payload)
+
+
+def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
+    """Restore the model to export; refuse input-dependent mixing, which no export can hold."""
+    restored = restore_model(run_dir, client)
+    if restored.payload.instance_weighting is not None:
         raise FedLoraError(
-            f"{config.algorithm_name} weights its adapters per input at test time; that is neither a LoRA nor a "
+            f"{restored.algorithm} weights its adapters per input at test time; that is neither a LoRA nor a "
             "merged model (for feddpa, run with algorithm.test_weighting='fixed' to export one)"
         )
-    fed.runner.load(payload, private, fed.head.payload())
-    return fed.loaded, fed.lora_model, config.algorithm_name
+    fed = restored.sim.fed
+    return fed.loaded, fed.lora_model, restored.algorithm
 
 
 def _slot_adapter(lm: LoraModel) -> PeftAdapter:
