@@ -14,6 +14,7 @@ pytest.importorskip("flwr")
 from fedlora.algorithms import Update, registry
 from fedlora.cli import main
 from fedlora.config import load_config
+from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
 from fedlora.flower.wire import from_record, read_reply, record_bytes, reply_content, to_record
 from fedlora.simulation import ClientOutcome
@@ -132,3 +133,7 @@ def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, 
     assert flower_summary["bytes_up_total"] > 0 or algorithm == "local"
     assert flower_summary["failures"] == []
     assert (flower_dir / "plots" / "learning_curves.png").is_file()
+    if algorithm == "fedhl":
+        # A Flower run's checkpoints restore like the simulator's: the same model, scored per class.
+        flower_eval, sim_eval = evaluate_run(flower_dir).to_json(), evaluate_run(sim_dir).to_json()
+        assert {**flower_eval, "run_dir": ""} == {**sim_eval, "run_dir": ""}
