@@ -64,3 +64,22 @@ def test_client_model_matches_its_last_row_and_local_has_no_global(
     assert "no global model" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--client", "9"]) == 2
     assert "clients 0..3" in capsys.readouterr().err
+
+
+def test_a_class_missing_from_a_client_split_prints_a_dash(tmp_path: Path) -> None:
+    # pathological, one class per client: each client's test split holds one class only.
+    run = _run(
+        tmp_path / "local1",
+        "local",
+        "--set",
+        "data.partition='pathological'",
+        "--set",
+        "data.classes_per_client=1",
+        "--set",
+        "run.rounds=1",
+    )
+    result = evaluate_run(run, client=0)
+    empty = [c for c in result.classes if c.n == 0]
+    assert len(empty) == 1 and empty[0].acc is None and empty[0].loss is None
+    assert f"| {empty[0].name} | 0 | - | - |" in result.table()
+    json.dumps(result.to_json(), allow_nan=False)  # no NaN: the --json output is strict JSON

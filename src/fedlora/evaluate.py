@@ -14,7 +14,7 @@ log their per-group ROUGE in ``metrics.jsonl`` (``groups``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +26,67 @@ from fedlora.export import restore_model
 
 @dataclass
 class ClassScore:
-    """One class: test examples, accuracy and mean loss, and its training examples by client rank."""
+    """One class: its test examples (count, correct, summed loss) and its training examples by client rank."""
 
     name: str
     n: int
     correct: int
-    loss: float
-    train: int
+    loss_sum: float
     train_by_rank: dict[int, int]
 
     @property
-    def acc(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
+    def train(self) -> int:
+        return sum(self.train_by_rank.values())
+
+    @property
+    def acc(self) -> float | None:
+        """None when the class has no test examples here (a client's split may lack it)."""
+        return self.correct / self.n if self.n else None
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.n if self.n else None
 
 
 @dataclass
 class Evaluation:
-    """A run's model scored on its test examples, overall and per class."""
+    """A run's model scored on its test examples, per class (the totals are derived)."""
 
     run_dir: str
     model: str
     """``"global"`` or ``"client K"``."""
     rounds_done: int
-    n: int
-    correct: int
-    loss: float
     classes: list[ClassScore]
 
     @property
+    def n(self) -> int:
+        return sum(c.n for c in self.classes)
+
+    @property
     def acc(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
+        return sum(c.correct for c in self.classes) / self.n
+
+    @property
+    def loss(self) -> float:
+        return sum(c.loss_sum for c in self.classes) / self.n
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["acc"] = self.acc
-        for row, cls in zip(out["classes"], self.classes, strict=True):
-            row["acc"] = cls.acc
-        return out
+        classes = [
+            {"name": c.name, "n": c.n, "acc": c.acc, "loss": c.loss, "train": c.train, "train_by_rank": c.train_by_rank}
+            for c in self.classes
+        ]
+        return {
+            "run_dir": self.run_dir,
+            "model": self.model,
+            "rounds_done": self.rounds_done,
+            "n": self.n,
+            "acc": self.acc,
+            "loss": self.loss,
+            "classes": classes,
+        }
 
     def table(self) -> str:
-        """A markdown table: one row per class and a total row."""
+        """A markdown table: one row per class and a total row ("-": no test examples of the class)."""
         ranks = sorted({r for c in self.classes for r in c.train_by_rank})
         by_rank = " / ".join(f"rank {r}" for r in ranks)
         lines = [
@@ -75,10 +96,10 @@ class Evaluation:
             "|---|---|---|---|---|---|",
         ]
         for c in self.classes:
-            shares = " / ".join(
-                f"{100 * c.train_by_rank.get(r, 0) / c.train:.0f}%" if c.train else "-" for r in ranks
-            )
-            lines.append(f"| {c.name} | {c.n} | {100 * c.acc:.1f} | {c.loss:.3f} | {c.train} | {shares} |")
+            shares = " / ".join(f"{100 * c.train_by_rank.get(r, 0) / c.train:.0f}%" if c.train else "-" for r in ranks)
+            acc = "-" if c.acc is None else f"{100 * c.acc:.1f}"
+            loss = "-" if c.loss is None else f"{c.loss:.3f}"
+            lines.append(f"| {c.name} | {c.n} | {acc} | {loss} | {c.train} | {shares} |")
         train = sum(c.train for c in self.classes)
         lines.append(f"| all | {self.n} | {100 * self.acc:.1f} | {self.loss:.3f} | {train} | |")
         return "\n".join(lines)
@@ -110,15 +131,6 @@ def evaluate_run(run_dir: Path, *, client: int | None = None) -> Evaluation:
         for c in holders:
             count = int(np.sum(labels[fed.splits[c].train] == k))
             by_rank[ranks[c]] = by_rank.get(ranks[c], 0) + count
-        classes.append(ClassScore(name, result.n, round(result.correct), result.loss, sum(by_rank.values()), by_rank))
-    n = sum(c.n for c in classes)
-    loss = sum(c.loss * c.n for c in classes if c.n) / n
-    return Evaluation(
-        str(run_dir),
-        "global" if client is None else f"client {client}",
-        restored.sim.next_round,
-        n,
-        sum(c.correct for c in classes),
-        loss,
-        classes,
-    )
+        classes.append(ClassScore(name, result.n, round(result.correct), result.loss_sum, by_rank))
+    model = "global" if client is None else f"client {client}"
+    return Evaluation(str(run_dir), model, restored.sim.next_round, classes)

@@ -43,8 +43,6 @@ class RestoredModel:
     """A run's model as restored by :func:`restore_model`, loaded into ``sim.fed.runner``."""
 
     sim: Simulation
-    client: int | None
-    """The client whose personalized model is loaded; None for the global model."""
     payload: Payload
 
     @property
@@ -77,7 +75,7 @@ def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
         payload = fed.algorithm.configure(sim.next_round, [client])[client]
         private = sim.store.get(client)
     fed.runner.load(payload, private, fed.head.payload())
-    return RestoredModel(sim, client, payload)
+    return RestoredModel(sim, payload)
 
 
 def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
