@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 #: default 0.2, a 10x faster mixing scalar.
 SENSITIVITY: dict[str, tuple[str, list[str]]] = {
     "warmup_rounds=4": ("fedtreelora", ["algorithm.warmup_rounds=4"]),
-    "tau=0.1": ("fedtreelora", ["algorithm.tau=0.1"]),
+    "tau=0.1": ("fedtreelora", ["algorithm.cut='threshold'", "algorithm.tau=0.1"]),
     "lambda_lr_mult=100": ("fedtreelora", ["algorithm.lambda_lr_mult=100.0"]),
 }
 

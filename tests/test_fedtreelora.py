@@ -17,7 +17,16 @@ from torch import nn
 from torch.testing import assert_close
 
 from fedlora.algorithms import Update, get_algorithm, parse_options
-from fedlora.algorithms.fedtreelora import FedTreeLoraOptions, choose_cluster_counts, plan_tree
+from fedlora.algorithms.fedtreelora import (
+    CutRule,
+    Distances,
+    FedTreeLoraOptions,
+    block_permutations,
+    choose_cluster_counts,
+    layer_distances,
+    plan_tree,
+    silhouettes,
+)
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, init_state, num_bytes
@@ -25,6 +34,11 @@ from helpers import make_ctx
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
+
+
+def views(points: np.ndarray) -> Distances:
+    """Distances of ``(L, N, dim)`` points, one module per layer (the points are its B)."""
+    return layer_distances([[torch.from_numpy(layer).float()] for layer in points])
 
 
 def build(ctx, **options):  # type: ignore[no-untyped-def]
@@ -60,6 +74,7 @@ FOUR = {
 
 
 def after_warmup(num_examples: dict[int, int], **options: Any):  # type: ignore[no-untyped-def]
+    options.setdefault("cut", "threshold")
     algo = build(make_ctx(num_examples, SHAPES), warmup_rounds=1, **options)
     algo.aggregate(0, {c: Update(t, num_examples[c]) for c, t in FOUR.items()})
     return algo
@@ -166,7 +181,7 @@ def planted_b(client: int, layer: int) -> list[list[float]]:
 
 def test_planted_structure_is_recovered() -> None:
     shapes = {ModuleId(layer, "query"): (2, 1) for layer in range(4)}
-    algo = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1)
+    algo = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, cut="threshold")
     updates = {c: Update(upload({layer: ([[0.0]], planted_b(c, layer)) for layer in range(4)}), 1) for c in range(6)}
     algo.aggregate(0, updates)
     s = algo.structure()
@@ -185,10 +200,10 @@ def test_planted_structure_is_recovered() -> None:
     linkage = np.asarray(s["linkage"])
     assert linkage[-1, 2] > 4 * linkage[:-1, 2].max()
     # Ablations on the same clients.
-    fixed = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, fixed_k=4)
+    fixed = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, fixed_k=4, cut="threshold")
     fixed.aggregate(0, updates)
     assert fixed.structure()["cluster_counts"] == [4, 4, 4, 4]
-    indep = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, independent_layers=True)
+    indep = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, independent_layers=True, cut="threshold")
     indep.aggregate(0, updates)
     assert indep.structure()["linkage"] is None and len(indep.structure()["layer_linkages"]) == 4
     assert indep.structure()["partitions"][3] == [[0, 1, 2], [3, 4, 5]]
@@ -201,12 +216,17 @@ def test_planted_structure_is_recovered() -> None:
     layers=st.integers(1, 6),
     window_k=st.integers(1, 4),
     tau=st.floats(-1.0, 1.0),
+    cut=st.sampled_from(["calibrated", "threshold"]),
+    planted=st.booleans(),
 )
-def test_counts_never_decrease_and_cuts_refine(seed: int, n: int, layers: int, window_k: int, tau: float) -> None:
+def test_counts_never_decrease_and_cuts_refine(
+    seed: int, n: int, layers: int, window_k: int, tau: float, cut: str, planted: bool
+) -> None:
     rng = np.random.default_rng(seed)
-    points = rng.normal(size=(layers, n, 3))
-    distances = np.linalg.norm(points[:, :, None] - points[:, None, :], axis=-1)
-    tree = plan_tree(distances, list(range(n)), FedTreeLoraOptions(window_k=window_k, tau=tau))
+    points = rng.normal(size=(layers, n, 6)) + (np.arange(n) % 3)[None, :, None] * 3.0 * planted
+    distances = views(points)
+    options = FedTreeLoraOptions(window_k=window_k, tau=tau, cut=cut)
+    tree = plan_tree(distances, list(range(n)), options, seed)
     counts = tree.counts
     assert all(1 <= c <= max(1, n - 1) for c in counts)
     assert all(0 <= b - a <= window_k - 1 for a, b in itertools.pairwise([1, *counts]))
@@ -222,20 +242,114 @@ def test_counts_never_decrease_and_cuts_refine(seed: int, n: int, layers: int, w
 
 
 def test_tau_above_every_silhouette_gives_root_layers_only() -> None:
-    distances = np.abs(np.random.default_rng(0).normal(size=(3, 5, 5)))
-    distances = distances + distances.transpose(0, 2, 1)
-    for layer in distances:
-        np.fill_diagonal(layer, 0.0)
+    distances = views(np.random.default_rng(0).normal(size=(3, 5, 4)))
     tree = plan_tree(distances, range(5), FedTreeLoraOptions()).linkage
-    counts, _, _ = choose_cluster_counts(tree, distances, 3, 1.01)
+    counts, _, _ = choose_cluster_counts(tree, distances.full, 3, CutRule("threshold", tau=1.01))
     assert counts == [1, 1, 1]
+
+
+# --- the calibrated cut -------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 12), c=st.integers(2, 6))
+def test_silhouettes_match_sklearn(seed: int, n: int, c: int) -> None:
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(seed)
+    c = min(c, n - 1)
+    labels = np.concatenate([np.arange(c), rng.integers(0, c, n - c)])
+    rng.shuffle(labels)
+    points = rng.normal(size=(n, 3))
+    distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    ours = silhouettes(torch.from_numpy(distance), torch.from_numpy(labels)[None])
+    assert float(ours[0]) == pytest.approx(silhouette_score(distance, labels, metric="precomputed"), abs=1e-12)
+
+
+def test_block_permutations_move_clients_within_their_block_only() -> None:
+    blocks = np.array([0, 1, 0, 2, 1, 0, 2])
+    perms = block_permutations(blocks, 200, np.random.default_rng(0))
+    assert (blocks[perms] == blocks[None, :]).all()
+    assert all(sorted(p) == list(range(7)) for p in perms.tolist())
+    # Every client of block 0 (three of them) lands on client 0's seat about a third of the time.
+    assert sorted(set(perms[:, 0].tolist())) == [0, 2, 5]
+    assert np.bincount(perms[:, 0], minlength=6)[[0, 2, 5]].min() > 40
+
+
+def planted_points(
+    rng: np.random.Generator, groups: int, size: int, dim: int, shallow: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noise N(0, 1) in every layer; from layer ``shallow`` on, each of ``groups`` groups of
+    ``size`` clients moves by its own center (N(0, 2^2) per coordinate)."""
+    planted = rng.permutation(np.arange(groups * size) % groups)
+    points = rng.normal(size=(shallow + 2, groups * size, dim))
+    points[shallow:] += 2.0 * rng.normal(size=(groups, dim))[planted]
+    return points, planted
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(2, 3),
+    size=st.integers(5, 7),
+    dim=st.integers(32, 128),
+    shallow=st.integers(0, 2),
+)
+def test_calibrated_cut_separates_planted_groups(seed: int, groups: int, size: int, dim: int, shallow: int) -> None:
+    points, planted = planted_points(np.random.default_rng(seed), groups, size, dim, shallow)
+    tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(), seed)
+    # The deepest layer splits at least into the groups and no cluster mixes two of them.
+    assert tree.counts[-1] >= groups
+    deepest = tree.labels[-1]
+    assert all(len(set(planted[deepest == k].tolist())) == 1 for k in range(tree.counts[-1]))
+
+
+def test_calibrated_cut_recovers_planted_groups_exactly() -> None:
+    # 60 seeded federations (2 or 3 groups of 5-7 clients, 32-128 entries, 0-2 noise layers
+    # above the structured ones): the deepest partition is exactly the planted groups in 57
+    # of them. Of the three others, one layer split a group (a false split at p = 0.02),
+    # and twice (two groups of 5) the 2-cut of the fit tree split off a single client
+    # first, so the layer took 3 clusters: the two groups, one of them less a singleton.
+    rng = np.random.default_rng(0)
+    exact = 0
+    for seed in range(60):
+        groups, size, dim, shallow = 2 + seed % 2, 5 + seed % 3, int(rng.integers(32, 129)), seed % 3
+        points, planted = planted_points(rng, groups, size, dim, shallow)
+        tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(), seed)
+        found = tree.labels[-1]
+        exact += tree.counts[-1] == groups and all(len(set(found[planted == g].tolist())) == 1 for g in range(groups))
+    assert exact == 57
+
+
+def test_calibrated_cut_rarely_splits_exchangeable_noise() -> None:
+    # 300 federations of 12 clients whose B factors are i.i.d. noise (16 entries), one layer
+    # each: the calibrated cut splits 5 of them (1.7%; its level is cut_alpha = 0.05, split
+    # over the two finer counts it tries, and ties count against a split); the threshold rule
+    # at tau = 0.2 splits 35 (11.7%), a rate nobody chose. Four layers of independent noise:
+    # 22 runs of 300 split somewhere (7.3%; threshold: 50, 16.7%).
+    def split_rate(layers: int, cut: str) -> float:
+        rng = np.random.default_rng(layers)
+        splits = 0
+        for seed in range(300):
+            tree = plan_tree(views(rng.normal(size=(layers, 12, 16))), range(12), FedTreeLoraOptions(cut=cut), seed)
+            splits += tree.counts[-1] > 1
+        return splits / 300
+
+    assert split_rate(1, "calibrated") == pytest.approx(5 / 300)
+    assert split_rate(1, "threshold") == pytest.approx(35 / 300)
+    assert split_rate(4, "calibrated") == pytest.approx(22 / 300)
 
 
 def test_tau_above_silhouette_behaves_exactly_as_fedit() -> None:
     # warmup_mode fedit + every layer a root: the same aggregates as fedit, round after round.
     shapes = {ModuleId(0, "query"): (3, 2), ModuleId(1, "value"): (2, 3)}
     n = {0: 2, 1: 5, 2: 1}
-    tree = build(make_ctx(n, shapes, rank=2), warmup_rounds=2, warmup_mode="fedit", tau=1.5, weighting="examples")
+    tree = build(
+        make_ctx(n, shapes, rank=2),
+        warmup_rounds=2,
+        warmup_mode="fedit",
+        cut="threshold",
+        tau=1.5,
+        weighting="examples",
+    )
     fedit_cls = get_algorithm("fedit")
     fedit = fedit_cls(make_ctx(n, shapes, rank=2), parse_options(fedit_cls, {}))
     gen = torch.Generator().manual_seed(0)
@@ -262,6 +376,9 @@ def test_tau_above_silhouette_behaves_exactly_as_fedit() -> None:
         ({"warmup_rounds": 0}, "warmup_rounds"),
         ({"distance": "l1"}, "distance"),
         ({"linkage": "ward2"}, "linkage"),
+        ({"cut": "gap"}, "cut"),
+        ({"cut_alpha": 1.0}, "cut_alpha"),
+        ({"cut_permutations": 0}, "cut_permutations"),
         ({"lambda_init": 1.0}, "lambda_init"),
         ({"weighting": "size"}, "weighting"),
         ({"fixed_k": 2, "independent_layers": True}, "pick one"),
@@ -282,11 +399,12 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 TREE = ["--set", "algorithm.name='fedtreelora'", "--set", "algorithm.warmup_rounds=1", "--quiet"]
+THRESHOLD = ["--set", "algorithm.cut='threshold'"]
 
 
 def test_run_structure_plots_bytes_and_report(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["run", SMOKE, "--out", str(out), *TREE, "--set", "run.rounds=3", "--set", "algorithm.tau=-1.0"]
+    args = ["run", SMOKE, "--out", str(out), *TREE, *THRESHOLD, "--set", "run.rounds=3", "--set", "algorithm.tau=-1.0"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     s = summary["structure"]
@@ -309,7 +427,7 @@ def test_resume_gives_identical_metrics(tmp_path: Path, stop: int) -> None:
     # stop = 1: right after warmup and the tree; stop = 2: one mixed round later.
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"
-    common = [*TREE, "--set", "algorithm.tau=-1.0", "--set", "run.rounds=4"]
+    common = [*TREE, *THRESHOLD, "--set", "algorithm.tau=-1.0", "--set", "run.rounds=4"]
     assert main(["run", SMOKE, "--out", str(straight), *common]) == 0
     assert main(["run", SMOKE, "--out", str(resumed), *common, "--set", f"run.rounds={stop}"]) == 0
     assert main(["run", "--resume", str(resumed), *common]) == 0
@@ -324,7 +442,18 @@ def test_export_matches_peft_logits(tmp_path: Path, tau: float, rank: int) -> No
     from test_export import _our_logits, _peft_logits
 
     run = tmp_path / "run"
-    args = ["run", SMOKE, "--out", str(run), *TREE, "--set", "train.lr=0.05", "--set", f"algorithm.tau={tau}"]
+    args = [
+        "run",
+        SMOKE,
+        "--out",
+        str(run),
+        *TREE,
+        *THRESHOLD,
+        "--set",
+        "train.lr=0.05",
+        "--set",
+        f"algorithm.tau={tau}",
+    ]
     assert main(args) == 0
     adapter = tmp_path / "adapter"
     assert main(["export", str(run), "--client", "2", "--out", str(adapter)]) == 0

@@ -11,12 +11,21 @@ layer, with cuts that never get coarser from shallow to deep layers.
 2. **Distances** from the uploaded **B** factors only: per layer ``D_l[i, j]`` = mean over
    the layer's modules of ``||B_i - B_j||_F`` (``distance = "frobenius"``) or of
    ``1 - cos(B_i, B_j)`` (``"cosine"``); the global distance ``D`` is the mean over layers.
+   The same from the even and from the odd entries of the flattened B (``fit`` / ``test``).
 3. **Tree**: scipy ``linkage`` of ``D`` (``linkage = "average" | "complete" | "single"``).
    ``P_c`` is the cut of the tree into exactly ``c`` clusters; cuts are nested.
 4. **Cluster count per layer**, shallow to deep from ``c_prev = 1``: candidates
-   ``c in [c_prev, min(N - 1, c_prev + K - 1)]``, ``score(1) = tau``, ``score(c >= 2)`` =
-   silhouette of ``P_c`` under the layer's own distances ``D_l``; ``c_l = argmax`` (the
-   smallest on ties), ``c_prev = c_l``. Counts never decrease with depth.
+   ``c in [c_prev, min(N - 1, c_prev + K - 1)]``; counts never decrease with depth.
+   ``cut = "calibrated"`` (default): the counts are decided on a second tree built on the
+   ``fit`` distances; a finer cut ``c > c_prev`` of it is eligible when its silhouette under
+   the layer's ``test`` distances beats ``cut_permutations`` relabellings of the clients
+   within the clusters of the coarser cut (p-value ``(1 + #{null >= observed}) / (B + 1)
+   <= cut_alpha / m`` for the ``m`` finer counts tried); the eligible cut with the best
+   silhouette wins, else ``c_prev`` stays.
+   Splitting the entries keeps the test honest: the partitions are chosen on numbers the
+   test does not see. ``cut = "threshold"`` (the paper): ``score(1) = tau``,
+   ``score(c >= 2)`` = silhouette of ``P_c`` under ``D_l``; ``c_l = argmax`` (the smallest
+   on ties).
 5. **Experts**: for client k at layer l with cluster S (in ``P_{c_l}``), the cluster
    expert is the factor-wise mean of the members' uploads over S and the external expert
    the mean over the other clients (``weighting = "uniform"`` as in the paper, or
@@ -40,8 +49,15 @@ distance : "frobenius" (default) or "cosine"
 linkage : "average" (default), "complete" or "single"
 window_k : int, default 3
     K: how many cluster counts a layer may try, from the previous layer's count up.
+cut : "calibrated" (default) or "threshold"
+    How a layer decides to split (step 4).
 tau : float, default 0.2
-    The score of not splitting: a layer splits only where some cut's silhouette beats it.
+    Threshold rule: the score of not splitting (a layer splits only where some cut's
+    silhouette beats it).
+cut_alpha : float, default 0.05
+    Calibrated rule: the test level of a split (the false-split rate of one layer's test).
+cut_permutations : int, default 99
+    Calibrated rule: relabellings per test (the smallest p-value is ``1 / (B + 1)``).
 lambda_init : float, default 0.5
     Initial lambda (``theta0 = logit(lambda_init)``), in (0, 1).
 lambda_lr_mult : float, default 10.0
@@ -61,6 +77,7 @@ no_external : bool, default False
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,7 +89,6 @@ import torch
 from scipy.cluster.hierarchy import cut_tree
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
-from sklearn.metrics import silhouette_score
 
 from fedlora.algorithms.base import (
     Algorithm,
@@ -91,6 +107,7 @@ CLUSTER_SLOT = "cluster"
 EXTERNAL_SLOT = "external"
 DISTANCES = ("frobenius", "cosine")
 LINKAGES = ("average", "complete", "single")
+CUTS = ("calibrated", "threshold")
 
 
 @dataclass
@@ -100,7 +117,10 @@ class FedTreeLoraOptions(Options):
     distance: str = "frobenius"
     linkage: str = "average"
     window_k: int = 3
+    cut: str = "calibrated"
     tau: float = 0.2
+    cut_alpha: float = 0.05
+    cut_permutations: int = 99
     lambda_init: float = 0.5
     lambda_lr_mult: float = 10.0
     weighting: str = "uniform"
@@ -114,6 +134,7 @@ class FedTreeLoraOptions(Options):
             "warmup_mode": ("local", "fedit"),
             "distance": DISTANCES,
             "linkage": LINKAGES,
+            "cut": CUTS,
             "weighting": ("uniform", "examples"),
         }
         for name, allowed in choices.items():
@@ -126,6 +147,10 @@ class FedTreeLoraOptions(Options):
             )
         if self.window_k < 1:
             raise FedLoraError(f"algorithm.window_k = {self.window_k}: use >= 1")
+        if not 0.0 < self.cut_alpha < 1.0:
+            raise FedLoraError(f"algorithm.cut_alpha = {self.cut_alpha}: a test level; use a value in (0, 1)")
+        if self.cut_permutations < 1:
+            raise FedLoraError(f"algorithm.cut_permutations = {self.cut_permutations}: use >= 1 (99 gives p >= 0.01)")
         if not 0.0 < self.lambda_init < 1.0:
             raise FedLoraError(
                 f"algorithm.lambda_init = {self.lambda_init}: lambda is a sigmoid; use a value in (0, 1)"
@@ -141,7 +166,23 @@ class FedTreeLoraOptions(Options):
 
 
 # --- the client tree: pure functions over distance matrices ------------------------------
-def layer_distances(b_factors: Sequence[Sequence[torch.Tensor]], metric: str = "frobenius") -> np.ndarray:
+@dataclass
+class Distances:
+    """Per-layer client distances ``(L, N, N)`` (float32, zero diagonal).
+
+    ``full`` uses the whole B factors (the tree the clients get is built on it); ``fit`` and
+    ``test`` use the even and the odd entries of the flattened B factors, two independent
+    looks at the same clients when their entries are independent noise. The calibrated cut
+    picks its partitions on ``fit`` and tests them on ``test``, so the tree's search never
+    sees the numbers it is judged on.
+    """
+
+    full: np.ndarray
+    fit: np.ndarray
+    test: np.ndarray
+
+
+def layer_distances(b_factors: Sequence[Sequence[torch.Tensor]], metric: str = "frobenius") -> Distances:
     """Per-layer client distances from B factors.
 
     Parameters
@@ -155,26 +196,48 @@ def layer_distances(b_factors: Sequence[Sequence[torch.Tensor]], metric: str = "
 
     Returns
     -------
-    np.ndarray
-        ``(L, N, N)`` float64: ``D_l`` = mean over the layer's modules, zero diagonal.
+    Distances
+        ``D_l`` = mean over the layer's modules, for the whole factors and for each half.
+
+    Every module costs two float32 Gram matrices (``N^2 D`` multiply-adds in all), the
+    Frobenius ones of the clients' factors centred on their mean (exact in real
+    arithmetic, and it keeps the float32 cancellation small).
     """
-    out = []
+    if metric not in DISTANCES:
+        raise FedLoraError(f"distance {metric!r}: use one of {', '.join(DISTANCES)}")
+    out: dict[str, list[np.ndarray]] = {"full": [], "fit": [], "test": []}
     for modules in b_factors:
-        per_module = []
+        layer: dict[str, torch.Tensor] = {}
         for b in modules:
-            x = b.reshape(b.shape[0], -1).double()
+            x = b.reshape(b.shape[0], -1).float()
             if metric == "frobenius":
-                d = torch.cdist(x, x)
-            elif metric == "cosine":
-                unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                d = (1.0 - unit @ unit.T).clamp_min(0.0)
-            else:
-                raise FedLoraError(f"distance {metric!r}: use one of {', '.join(DISTANCES)}")
-            per_module.append(d)
-        layer = torch.stack(per_module).mean(0).numpy()
-        np.fill_diagonal(layer, 0.0)
-        out.append(layer)
-    return np.stack(out)
+                x = x - x.mean(0, keepdim=True)
+            halves = [_gram_parts(x[:, start::2]) for start in (0, 1)]
+            views = {
+                "fit": _metric(*halves[0], metric),
+                "test": _metric(*halves[1], metric),
+                "full": _metric(halves[0][0] + halves[1][0], halves[0][1] + halves[1][1], metric),
+            }
+            for name, d in views.items():
+                layer[name] = layer[name] + d if name in layer else d
+        for name, total in layer.items():
+            mean = (total / len(modules)).numpy()
+            np.fill_diagonal(mean, 0.0)
+            out[name].append(mean)
+    return Distances(*(np.stack(out[name]) for name in ("full", "fit", "test")))
+
+
+def _gram_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x x^T, squared row norms)`` of an ``(N, D)`` matrix."""
+    gram = x @ x.T
+    return gram, gram.diagonal().clone()
+
+
+def _metric(gram: torch.Tensor, sq_norms: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "frobenius":
+        return (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0.0).sqrt()
+    norms = sq_norms.sqrt().clamp_min(1e-12)
+    return (1.0 - gram / norms[:, None] / norms[None, :]).clamp_min(0.0)
 
 
 def build_tree(distance: np.ndarray, method: str = "average") -> np.ndarray:
@@ -207,37 +270,150 @@ def canonical_labels(labels: np.ndarray) -> np.ndarray:
     return np.array([order.setdefault(int(x), len(order)) for x in labels], dtype=np.int64)
 
 
-def _score(distance: np.ndarray, labels: np.ndarray, tau: float) -> float:
-    if len(set(labels.tolist())) == 1:
-        return tau
-    return float(silhouette_score(_clean(distance), labels, metric="precomputed"))
+@dataclass(frozen=True)
+class CutRule:
+    """How a layer decides whether a finer cut of the tree is worth taking.
+
+    ``"threshold"`` (the paper): score(1) = ``tau``, score(c >= 2) = silhouette; the best
+    candidate wins. ``"calibrated"``: a finer cut ``c > c_prev`` is eligible only if its
+    silhouette beats chance for the layer's own distances: ``permutations`` relabellings
+    that move clients only *within* the clusters of ``P_{c_prev}`` (so the sizes and the
+    coarser structure are kept), one-sided p-value ``(1 + #{null >= observed}) / (B + 1)``,
+    eligible when ``p <= alpha / m`` for the ``m`` finer counts tried (Bonferroni: one
+    layer splits exchangeable clients with probability at most ``alpha``); the eligible cut
+    with the best silhouette wins, and without one the layer keeps ``c_prev``. The relabellings come from ``seed``.
+    """
+
+    kind: str = "calibrated"
+    tau: float = 0.2
+    alpha: float = 0.05
+    permutations: int = 99
+    seed: int = 0
+
+    @staticmethod
+    def from_options(options: FedTreeLoraOptions, seed: int = 0) -> CutRule:
+        return CutRule(options.cut, options.tau, options.cut_alpha, options.cut_permutations, seed)
+
+
+def silhouettes(distance: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean silhouette of every row of ``labels`` (``(P, N)``, clusters ``0 .. c - 1``, none empty).
+
+    sklearn's definition with a precomputed ``distance`` (``N x N``): ``a`` = mean distance to
+    the own cluster's other members, ``b`` = the smallest mean distance to another cluster,
+    ``s = (b - a) / max(a, b)``; members of singleton clusters (and ``max(a, b) = 0``) score 0.
+    """
+    num = int(labels.max()) + 1
+    onehot = torch.nn.functional.one_hot(labels, num).to(distance.dtype)
+    p, n = labels.shape
+    sums = (distance @ onehot.permute(1, 0, 2).reshape(n, p * num)).reshape(n, p, num).permute(1, 0, 2)
+    return _silhouettes_from_sums(sums, labels, onehot)
+
+
+def _silhouettes_from_sums(sums: torch.Tensor, labels: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Silhouettes from ``sums[p, i, k]`` = summed distance of client ``i`` to cluster ``k``."""
+    sizes = onehot.sum(1)
+    own_size = sizes.gather(1, labels)
+    a = sums.gather(2, labels[..., None]).squeeze(-1) / (own_size - 1).clamp_min(1)
+    others = (sums / sizes[:, None, :].clamp_min(1)).masked_fill(onehot.bool(), math.inf)
+    b = others.min(2).values
+    denom = torch.maximum(a, b)
+    s = torch.where((own_size > 1) & (denom > 0), (b - a) / denom.clamp_min(1e-30), 0.0)
+    return s.mean(1)
+
+
+def block_permutations(blocks: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, N)`` random permutations of the clients that move each client only within its block."""
+    base = np.argsort(blocks, kind="stable")
+    order = np.argsort(blocks[None, :] * 2.0 + rng.random((count, len(blocks))), axis=1)
+    perm = np.empty_like(order)
+    perm[:, base] = order
+    return perm
+
+
+@dataclass
+class LayerCut:
+    """One layer's decision: the count it took and the evidence for every count it tried."""
+
+    count: int
+    scores: dict[int, float]
+    p_values: dict[int, float]
+
+
+def cut_layer(
+    distance: torch.Tensor,
+    cuts: Mapping[int, np.ndarray],
+    c_prev: int,
+    high: int,
+    rule: CutRule,
+    rng: np.random.Generator,
+) -> LayerCut:
+    """Choose one layer's count in ``[c_prev, high]`` over nested ``cuts`` (see :class:`CutRule`)."""
+    candidates = list(range(c_prev, high + 1))
+    finer = [c for c in candidates if c > c_prev and c >= 2]
+    draws = rule.permutations if rule.kind == "calibrated" and finer else 0
+    perms = np.concatenate([np.arange(len(cuts[c_prev]))[None, :], block_permutations(cuts[c_prev], draws, rng)])
+    # One product at the finest cut; coarser cuts sum its columns (the cuts are nested).
+    fine = torch.from_numpy(cuts[high][perms])
+    sums_fine = _cluster_sums(distance, fine, high)
+    scores: dict[int, float] = {}
+    p_values: dict[int, float] = {}
+    for c in candidates:
+        if c == 1:
+            if rule.kind == "threshold":
+                scores[1] = rule.tau
+            continue
+        to_coarse = torch.from_numpy(cuts[c][_first_members(cuts[high], high)])
+        labels = to_coarse[fine]
+        onehot = torch.nn.functional.one_hot(labels, c).to(distance.dtype)
+        sums = sums_fine @ torch.nn.functional.one_hot(to_coarse, c).to(distance.dtype)
+        sil = _silhouettes_from_sums(sums, labels, onehot)
+        scores[c] = float(sil[0])
+        if c in finer and draws:
+            p_values[c] = float((1 + int((sil[1:] >= sil[0] - 1e-6).sum())) / (draws + 1))
+    if rule.kind == "threshold":
+        count = max(candidates, key=lambda c: (scores[c], -c))
+    else:
+        eligible = [c for c in finer if p_values[c] <= rule.alpha / len(finer)]
+        count = max(eligible, key=lambda c: (scores[c], -c)) if eligible else c_prev
+    return LayerCut(count, scores, p_values)
+
+
+def _cluster_sums(distance: torch.Tensor, labels: torch.Tensor, num: int) -> torch.Tensor:
+    """``(P, N, num)``: summed distance of every client to every cluster of each labelling."""
+    p, n = labels.shape
+    onehot = torch.nn.functional.one_hot(labels, num).to(distance.dtype)
+    return (distance @ onehot.permute(1, 0, 2).reshape(n, p * num)).reshape(n, p, num).permute(1, 0, 2)
+
+
+def _first_members(labels: np.ndarray, num: int) -> np.ndarray:
+    """For each cluster ``0 .. num - 1`` of canonical ``labels``, its first client."""
+    return np.array([int(np.flatnonzero(labels == k)[0]) for k in range(num)])
 
 
 def choose_cluster_counts(
-    tree: np.ndarray, distances: np.ndarray, window_k: int, tau: float
-) -> tuple[list[int], dict[int, np.ndarray], list[dict[int, float]]]:
+    tree: np.ndarray, distances: np.ndarray, window_k: int, rule: CutRule
+) -> tuple[list[int], dict[int, np.ndarray], list[LayerCut]]:
     """Per-layer cluster counts, shallow to deep, over the cuts of one tree.
 
-    Layer ``l`` tries ``c in [c_prev, min(N - 1, c_prev + K - 1)]``; ``score(1) = tau``,
-    ``score(c >= 2)`` is the silhouette of the cut under ``distances[l]``; it takes the best
-    (the smallest on ties) and passes it on as ``c_prev``. Returns the counts, the cuts and,
-    per layer, the score of every count it tried.
+    Layer ``l`` tries ``c in [c_prev, min(N - 1, c_prev + K - 1)]`` under ``distances[l]``
+    by ``rule`` and passes its choice on as ``c_prev`` (counts never decrease). Returns the
+    counts, the cuts and every layer's :class:`LayerCut`.
     """
     num_layers, n = distances.shape[0], distances.shape[1]
     if n < 3:
-        return [1] * num_layers, {1: np.zeros(n, dtype=np.int64)}, [{1: tau} for _ in range(num_layers)]
+        none = LayerCut(1, {1: rule.tau} if rule.kind == "threshold" else {}, {})
+        return [1] * num_layers, {1: np.zeros(n, dtype=np.int64)}, [none] * num_layers
     highest = min(n - 1, 1 + num_layers * (window_k - 1))
     cuts = tree_cuts(tree, range(1, highest + 1))
-    counts: list[int] = []
-    tried: list[dict[int, float]] = []
+    rng = np.random.default_rng(rule.seed)
+    layers: list[LayerCut] = []
     c_prev = 1
     for layer in range(num_layers):
-        candidates = range(c_prev, max(c_prev, min(n - 1, c_prev + window_k - 1)) + 1)
-        scores = [_score(distances[layer], cuts[c], tau) for c in candidates]
-        c_prev = candidates[int(np.argmax(scores))]
-        counts.append(c_prev)
-        tried.append(dict(zip(candidates, scores, strict=True)))
-    return counts, cuts, tried
+        high = max(c_prev, min(n - 1, c_prev + window_k - 1))
+        decided = cut_layer(torch.from_numpy(_clean(distances[layer])), cuts, c_prev, high, rule, rng)
+        c_prev = decided.count
+        layers.append(decided)
+    return [d.count for d in layers], cuts, layers
 
 
 @dataclass
@@ -257,8 +433,10 @@ class ClientTree:
     layer_linkages
         One tree per layer (independent per-layer clustering only).
     scores
-        Per layer, the score of every cluster count tried (``tau`` for 1, else the
-        silhouette); empty when the counts were fixed.
+        Per layer, the score of every cluster count tried (the silhouette; ``tau`` for 1
+        under the threshold rule); empty when the counts were fixed.
+    p_values
+        Per layer, the permutation p-value of every finer count tested (calibrated rule).
     """
 
     clients: list[int]
@@ -267,6 +445,7 @@ class ClientTree:
     linkage: np.ndarray | None = None
     layer_linkages: list[np.ndarray] = field(default_factory=list)
     scores: list[dict[int, float]] = field(default_factory=list)
+    p_values: list[dict[int, float]] = field(default_factory=list)
 
     def cluster_of(self, layer: int, client: int) -> int:
         return int(self.labels[layer, self.clients.index(client)])
@@ -285,11 +464,9 @@ class ClientTree:
             "labels": self.labels.tolist(),
             "linkage": None if self.linkage is None else self.linkage.tolist(),
             "layer_linkages": [z.tolist() for z in self.layer_linkages],
-            "scores": self.json_scores(),
+            "scores": _json_counts(self.scores),
+            "p_values": _json_counts(self.p_values),
         }
-
-    def json_scores(self) -> list[dict[str, float]]:
-        return [{str(c): score for c, score in layer.items()} for layer in self.scores]
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ClientTree:
@@ -299,35 +476,74 @@ class ClientTree:
             labels=np.asarray(data["labels"], dtype=np.int64),
             linkage=None if data["linkage"] is None else np.asarray(data["linkage"], dtype=np.float64),
             layer_linkages=[np.asarray(z, dtype=np.float64) for z in data["layer_linkages"]],
-            scores=[{int(c): float(v) for c, v in layer.items()} for layer in data.get("scores", [])],
+            scores=_from_json_counts(data.get("scores", [])),
+            p_values=_from_json_counts(data.get("p_values", [])),
         )
 
 
-def plan_tree(distances: np.ndarray, clients: Sequence[int], options: FedTreeLoraOptions) -> ClientTree:
-    """Build the tree and each layer's cut from per-layer distances ``(L, N, N)``."""
-    num_layers, n = distances.shape[0], distances.shape[1]
+def _json_counts(per_layer: Sequence[Mapping[int, float]]) -> list[dict[str, float]]:
+    return [{str(c): v for c, v in layer.items()} for layer in per_layer]
+
+
+def _from_json_counts(per_layer: Sequence[Mapping[str, float]]) -> list[dict[int, float]]:
+    return [{int(c): float(v) for c, v in layer.items()} for layer in per_layer]
+
+
+def plan_tree(distances: Distances, clients: Sequence[int], options: FedTreeLoraOptions, seed: int = 0) -> ClientTree:
+    """Build the tree and each layer's cut from per-layer distances.
+
+    The tree is built on ``distances.full``. The threshold rule scores its cuts under each
+    layer's full distances; the calibrated rule decides the counts on a second tree built
+    on ``distances.fit``, tested under ``distances.test`` (``seed`` drives its relabellings),
+    and the clients get the cuts of the first tree at those counts.
+    """
+    full = distances.full
+    num_layers, n = full.shape[0], full.shape[1]
     if n < 2:
         return ClientTree(list(clients), [1] * num_layers, np.zeros((num_layers, n), dtype=np.int64))
+    rule = CutRule.from_options(options, seed)
     if options.independent_layers:
-        trees = [build_tree(distances[layer], options.linkage) for layer in range(num_layers)]
-        counts: list[int] = []
+        trees = [build_tree(full[layer], options.linkage) for layer in range(num_layers)]
         rows = []
-        scores: list[dict[int, float]] = []
+        decided: list[LayerCut] = []
         for layer, tree in enumerate(trees):
-            (count,), cuts, (tried,) = choose_cluster_counts(
-                tree, distances[layer : layer + 1], options.window_k, options.tau
-            )
-            counts.append(count)
-            rows.append(cuts[count])
-            scores.append(tried)
-        return ClientTree(list(clients), counts, np.stack(rows), layer_linkages=trees, scores=scores)
-    tree = build_tree(distances.mean(0), options.linkage)
+            one_layer = Distances(*(d[layer : layer + 1] for d in (full, distances.fit, distances.test)))
+            (one,) = decide_counts(tree, one_layer, options, dataclasses.replace(rule, seed=seed + layer))
+            rows.append(tree_cuts(tree, [one.count])[one.count])
+            decided.append(one)
+        return ClientTree(
+            list(clients),
+            [d.count for d in decided],
+            np.stack(rows),
+            layer_linkages=trees,
+            scores=[d.scores for d in decided],
+            p_values=[d.p_values for d in decided],
+        )
+    tree = build_tree(full.mean(0), options.linkage)
     if options.fixed_k:
         count = min(options.fixed_k, n)
         cut = tree_cuts(tree, [count])[count]
         return ClientTree(list(clients), [count] * num_layers, np.stack([cut] * num_layers), linkage=tree)
-    counts, cuts, scores = choose_cluster_counts(tree, distances, options.window_k, options.tau)
-    return ClientTree(list(clients), counts, np.stack([cuts[c] for c in counts]), linkage=tree, scores=scores)
+    decided = decide_counts(tree, distances, options, rule)
+    counts = [d.count for d in decided]
+    cuts = tree_cuts(tree, counts)
+    return ClientTree(
+        list(clients),
+        counts,
+        np.stack([cuts[c] for c in counts]),
+        linkage=tree,
+        scores=[d.scores for d in decided],
+        p_values=[d.p_values for d in decided],
+    )
+
+
+def decide_counts(tree: np.ndarray, distances: Distances, options: FedTreeLoraOptions, rule: CutRule) -> list[LayerCut]:
+    """Every layer's count: on ``tree`` and the full distances (threshold), or on a tree of
+    the ``fit`` distances tested under the ``test`` distances (calibrated)."""
+    if rule.kind == "threshold":
+        return choose_cluster_counts(tree, distances.full, options.window_k, rule)[2]
+    fit_tree = build_tree(distances.fit.mean(0), options.linkage)
+    return choose_cluster_counts(fit_tree, distances.test, options.window_k, rule)[2]
 
 
 # --- the algorithm ---------------------------------------------------------------------------
@@ -411,14 +627,14 @@ class FedTreeLora(Algorithm):
             self.global_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
         rebuild = self.options.rebuild_every > 0 and rnd - self.built_round >= self.options.rebuild_every
         if (self.tree is None and rnd + 1 >= self.options.warmup_rounds) or (self.tree is not None and rebuild):
-            self.tree = plan_tree(self.distances(), self.ctx.client_ids, self.options)
+            self.tree = plan_tree(self.distances(), self.ctx.client_ids, self.options, self.ctx.seed + rnd)
             self.built_round = rnd
         if self.tree is not None:
             self.update_experts()
 
     # --- server computations ------------------------------------------------------------
-    def distances(self) -> np.ndarray:
-        """``(L, N, N)`` client distances from the latest uploaded B factors (B = 0 if none yet)."""
+    def distances(self) -> Distances:
+        """Per-layer ``(L, N, N)`` client distances from the latest uploaded B factors (B = 0 if none yet)."""
         clients = self.ctx.client_ids
         by_layer: dict[int, list[torch.Tensor]] = {}
         for mid in self.ctx.module_ids:
@@ -458,7 +674,9 @@ class FedTreeLora(Algorithm):
             "layer_linkages": [z.tolist() for z in self.tree.layer_linkages],
             "clients": self.tree.clients,
             "cluster_counts": self.tree.counts,
-            "cut_scores": self.tree.json_scores(),
+            "cut_rule": self.options.cut,
+            "cut_scores": _json_counts(self.tree.scores),
+            "cut_p_values": _json_counts(self.tree.p_values),
             "partitions": self.tree.partitions(),
             "built_round": self.built_round,
         }
