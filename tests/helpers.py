@@ -14,6 +14,7 @@ def make_ctx(
     ranks: dict[int, int] | None = None,
     seed: int = 0,
     rounds: int = 3,
+    lr: float = 1e-3,
 ) -> FederationContext:
     """A federation context without any model or data."""
     shapes = shapes or {ModuleId(0, "query"): (2, 3)}
@@ -27,4 +28,5 @@ def make_ctx(
         ranks=ranks or {c: rank for c in clients},
         seed=seed,
         rounds=rounds,
+        lr=lr,
     )

@@ -380,6 +380,7 @@ def test_tau_above_silhouette_behaves_exactly_as_fedit() -> None:
         ({"cut_alpha": 1.0}, "cut_alpha"),
         ({"cut_permutations": 0}, "cut_permutations"),
         ({"lambda_init": 1.0}, "lambda_init"),
+        ({"lambda_lr": -0.1}, "lambda_lr"),
         ({"weighting": "size"}, "weighting"),
         ({"fixed_k": 2, "independent_layers": True}, "pick one"),
         ({"fixed_k": 9}, "fixed_k"),
@@ -463,3 +464,14 @@ def test_export_matches_peft_logits(tmp_path: Path, tau: float, rank: int) -> No
     ours, batch, source, num_labels = _our_logits(run, 2)
     theirs = _peft_logits(source, num_labels, adapter, batch)
     assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_lambda_has_an_absolute_learning_rate() -> None:
+    # theta's rate is lambda_lr whatever train.lr: the multiplier of train.lr is lambda_lr / lr.
+    for lr in (1e-4, 3e-3):
+        algo = build(make_ctx({0: 1, 1: 1}, lr=lr), lambda_lr=0.05)
+        assert algo.lr_multipliers == {"*.mix.theta": pytest.approx(0.05 / lr)}
+    # lambda_lr = 0: the old relative rate, lambda_lr_mult x train.lr.
+    assert build(make_ctx({0: 1, 1: 1}), lambda_lr=0.0, lambda_lr_mult=7.0).lr_multipliers == {"*.mix.theta": 7.0}
+    with pytest.raises(FedLoraError, match="train.lr"):
+        build(make_ctx({0: 1, 1: 1}, lr=0.0), lambda_lr=0.05)

@@ -154,6 +154,7 @@ def build_federation(config: Config) -> Federation:
         ranks=resolve_ranks(config, client_ids),
         seed=config.run.seed,
         rounds=config.run.rounds,
+        lr=config.train.lr,
     )
     algorithm = algorithm_cls(ctx, options)
     head_init = lora_model.head_state()

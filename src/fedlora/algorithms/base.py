@@ -44,6 +44,9 @@ class FederationContext:
     ranks: dict[int, int]
     seed: int
     rounds: int
+    #: The clients' learning rate (``train.lr``), for algorithms that give some tensors an
+    #: absolute rate of their own (through ``lr_multipliers``); ``None`` where unknown.
+    lr: float | None = None
 
     @property
     def module_ids(self) -> list[ModuleId]:

@@ -32,7 +32,8 @@ layer, with cuts that never get coarser from shallow to deep layers.
    ``"examples"``). Root layers (``c_l = 1``) have no external expert and lambda = 1.
 6. **Client model** per module: ``h = W0 x + lam s B_c A_c x + (1 - lam) s B_e A_e x``,
    ``lam = sigmoid(theta)`` per client and module; the client trains the cluster expert and
-   ``theta`` (private, learning rate ``lambda_lr_mult`` times the LoRA rate), the external
+   ``theta`` (private, learning rate ``lambda_lr``, absolute: the client's optimizer runs
+   ``theta`` at ``lambda_lr / train.lr`` times the LoRA rate), the external
    expert is frozen, and only the cluster expert is uploaded (fedit's upload size).
 7. **Server, each round**: recompute every cluster and external expert from the clients'
    latest uploads (with full participation: this round's).
@@ -60,8 +61,10 @@ cut_permutations : int, default 99
     Calibrated rule: relabellings per test (the smallest p-value is ``1 / (B + 1)``).
 lambda_init : float, default 0.5
     Initial lambda (``theta0 = logit(lambda_init)``), in (0, 1).
+lambda_lr : float, default 0.05
+    Learning rate of ``theta``, whatever the LoRA rate (0 = ``lambda_lr_mult`` x ``train.lr``).
 lambda_lr_mult : float, default 10.0
-    Learning-rate multiplier of ``theta``.
+    Learning-rate multiplier of ``theta`` when ``lambda_lr = 0``.
 weighting : "uniform" (default) or "examples"
     Weights of the expert means (uniform as in the paper, or by training examples).
 rebuild_every : int, default 0
@@ -122,6 +125,7 @@ class FedTreeLoraOptions(Options):
     cut_alpha: float = 0.05
     cut_permutations: int = 99
     lambda_init: float = 0.5
+    lambda_lr: float = 0.05
     lambda_lr_mult: float = 10.0
     weighting: str = "uniform"
     rebuild_every: int = 0
@@ -154,6 +158,10 @@ class FedTreeLoraOptions(Options):
         if not 0.0 < self.lambda_init < 1.0:
             raise FedLoraError(
                 f"algorithm.lambda_init = {self.lambda_init}: lambda is a sigmoid; use a value in (0, 1)"
+            )
+        if self.lambda_lr < 0:
+            raise FedLoraError(
+                f"algorithm.lambda_lr = {self.lambda_lr}: use a learning rate > 0, or 0 for lambda_lr_mult x train.lr"
             )
         if self.lambda_lr_mult <= 0:
             raise FedLoraError(f"algorithm.lambda_lr_mult = {self.lambda_lr_mult}: use a positive multiplier")
@@ -562,7 +570,7 @@ class FedTreeLora(Algorithm):
             raise FedLoraError(
                 f"algorithm.fixed_k = {opts.fixed_k} but the federation has {len(ctx.client_ids)} clients"
             )
-        self.lr_multipliers = {f"*.{MIX_SLOT}.theta": opts.lambda_lr_mult}
+        self.lr_multipliers = {f"*.{MIX_SLOT}.theta": self.theta_lr_multiplier(ctx, opts)}
         self.theta0 = math.log(opts.lambda_init / (1.0 - opts.lambda_init))
         self.warmup_layout = self.lora_layout(slot=CLUSTER_SLOT)
         cluster = SlotSpec(CLUSTER_SLOT, ctx.rank, ctx.alpha)
@@ -584,6 +592,19 @@ class FedTreeLora(Algorithm):
         #: ``(layer, cluster)`` -> cluster expert and external expert tensors.
         self.cluster_experts: dict[tuple[int, int], Tensors] = {}
         self.external_experts: dict[tuple[int, int], Tensors] = {}
+
+    @staticmethod
+    def theta_lr_multiplier(ctx: FederationContext, opts: FedTreeLoraOptions) -> float:
+        """The multiplier of ``train.lr`` that gives ``theta`` its rate: ``lambda_lr / lr``,
+        or ``lambda_lr_mult`` when ``lambda_lr = 0``."""
+        if not opts.lambda_lr:
+            return opts.lambda_lr_mult
+        if not ctx.lr or ctx.lr <= 0:
+            raise FedLoraError(
+                "algorithm.lambda_lr needs the clients' learning rate (train.lr) in the federation context; "
+                "set algorithm.lambda_lr = 0 to use lambda_lr_mult"
+            )
+        return opts.lambda_lr / ctx.lr
 
     # --- layouts ----------------------------------------------------------------------
     def is_mixed(self, layer: int) -> bool:
