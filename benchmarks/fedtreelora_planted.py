@@ -68,8 +68,12 @@ def case_overrides(case: str, out: Path, per_client: int) -> list[str]:
     if case == "dirichlet":
         return []
     path = planted_csv(out, per_client, flip=case == "two_groups").resolve()
-    return [f"data.dataset='csv:{path}'", "data.partition='natural'", "data.max_train_per_client=0",
-            "data.max_test_per_client=0"]
+    return [
+        f"data.dataset='csv:{path}'",
+        "data.partition='natural'",
+        "data.max_train_per_client=0",
+        "data.max_test_per_client=0",
+    ]
 
 
 def lambda_summary(summary: dict[str, Any]) -> dict[str, float] | None:

@@ -475,3 +475,57 @@ def test_lambda_has_an_absolute_learning_rate() -> None:
     assert build(make_ctx({0: 1, 1: 1}), lambda_lr=0.0, lambda_lr_mult=7.0).lr_multipliers == {"*.mix.theta": 7.0}
     with pytest.raises(FedLoraError, match="train.lr"):
         build(make_ctx({0: 1, 1: 1}, lr=0.0), lambda_lr=0.05)
+
+
+# --- planted structure end to end: tiny-bert, two groups with opposite label meanings ----------
+FILLERS = 1
+FILLER = "the a of and to in is it that was for on are as with his they at be this from have or by".split()
+
+
+def conflicting_groups_csv(path: Path, clients: int = 12, per_client: int = 40) -> Path:
+    """Two-word texts: a filler word and a keyword, "apple" or "river". Clients
+    0 .. clients/2 - 1 call "apple" negative, the others positive (and "river" the reverse)."""
+    rng = np.random.default_rng(0)
+    lines = ["text,label,client"]
+    for c in range(clients):
+        for _ in range(per_client):
+            y = int(rng.integers(2))
+            words = [str(w) for w in rng.choice(FILLER, FILLERS)]
+            words.insert(int(rng.integers(FILLERS + 1)), ("apple", "river")[y])
+            label = y if c < clients // 2 else 1 - y
+            lines.append(f"{' '.join(words)},{('neg', 'pos')[label]},c{c:02d}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_planted_conflicting_groups_found_and_beat_fedit(tmp_path: Path) -> None:
+    # 12 clients in two planted groups of 6 whose label meanings are opposite (30 training
+    # examples each; 10 local steps of 8 at lr 0.005: with Adam, small noisy steps let the
+    # consistent, group-specific directions of B dominate). fedtreelora at its default
+    # options (calibrated cut, lambda_lr 0.05, 5 local warmup rounds): after warmup both
+    # layers split into exactly the planted groups, and it ends at 100% personalized
+    # accuracy against fedit's 79.2% (measured: +20.8 points; the assertion asks for +15).
+    # fedit's one model cannot serve both meanings; its clients' 10 local steps recover
+    # part of their own.
+    data = conflicting_groups_csv(tmp_path / "groups.csv")
+    common = [
+        *("--set", f"data.dataset='csv:{data}'", "--set", "data.partition='natural'"),
+        *("--set", "data.num_clients=12", "--set", "data.test_fraction=0.25"),
+        *("--set", "data.max_train_per_client=0", "--set", "data.max_test_per_client=0"),
+        *("--set", "run.rounds=10", "--set", "train.lr=0.005", "--set", "train.local_steps=10"),
+        *("--set", "train.batch_size=8", "--quiet"),
+    ]
+    finals = {}
+    for name in ("fedtreelora", "fedit"):
+        assert main(["run", SMOKE, "--out", str(tmp_path / name), *common, "--set", f"algorithm.name='{name}'"]) == 0
+        finals[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    s = finals["fedtreelora"]["structure"]
+    assert s["built_round"] == 4
+    assert s["partitions"] == [[list(range(6)), list(range(6, 12))]] * 2
+    tree_acc = finals["fedtreelora"]["final"]["personalized_acc_mean"]
+    fedit_acc = finals["fedit"]["final"]["personalized_acc_mean"]
+    assert tree_acc == 1.0 and tree_acc - fedit_acc >= 0.15
+    # The external expert is the other group's model: lambda moved up from 0.5 on average
+    # (measured 0.756, from 0.21 to 0.92 over the 48 client-modules).
+    lambdas = [v for per_client in s["lambdas"].values() for v in per_client.values()]
+    assert len(lambdas) == 48 and np.mean(lambdas) > 0.7
