@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import run_config
 
+from common import run_config
 from fedlora.data import load_dataset
 
 #: fedtreelora variants (options over the defaults); "paper" = the rules before issue 22.

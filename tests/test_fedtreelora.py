@@ -473,13 +473,13 @@ def test_lambda_has_an_absolute_learning_rate() -> None:
         assert algo.lr_multipliers == {"*.mix.theta": pytest.approx(0.05 / lr)}
     # lambda_lr = 0: the old relative rate, lambda_lr_mult x train.lr.
     assert build(make_ctx({0: 1, 1: 1}), lambda_lr=0.0, lambda_lr_mult=7.0).lr_multipliers == {"*.mix.theta": 7.0}
-    with pytest.raises(FedLoraError, match="train.lr"):
+    with pytest.raises(FedLoraError, match=r"train\.lr"):
         build(make_ctx({0: 1, 1: 1}, lr=0.0), lambda_lr=0.05)
 
 
 # --- planted structure end to end: tiny-bert, two groups with opposite label meanings ----------
 FILLERS = 1
-FILLER = "the a of and to in is it that was for on are as with his they at be this from have or by".split()
+FILLER = "the a of and to in is it that was for on are as with his they at be this from have or by".split()  # noqa: SIM905
 
 
 def conflicting_groups_csv(path: Path, clients: int = 12, per_client: int = 40) -> Path:
