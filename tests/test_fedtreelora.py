@@ -383,6 +383,7 @@ def test_tau_above_silhouette_behaves_exactly_as_fedit() -> None:
         ({"lambda_lr": -0.1}, "lambda_lr"),
         ({"weighting": "size"}, "weighting"),
         ({"fixed_k": 2, "independent_layers": True}, "pick one"),
+        ({"rebuild_fit": 1.0}, "rebuild_fit"),
         ({"fixed_k": 9}, "fixed_k"),
     ],
 )
@@ -529,3 +530,41 @@ def test_planted_conflicting_groups_found_and_beat_fedit(tmp_path: Path) -> None
     # (measured 0.756, from 0.21 to 0.92 over the 48 client-modules).
     lambdas = [v for per_client in s["lambdas"].values() for v in per_client.values()]
     assert len(lambdas) == 48 and np.mean(lambdas) > 0.7
+
+
+# --- rebuilt on drift ---------------------------------------------------------------------------
+def test_tree_is_rebuilt_when_the_clients_no_longer_fit_it(tmp_path: Path) -> None:
+    from fedlora.report import draw_tree_history
+
+    shapes = {ModuleId(0, "query"): (2, 1)}
+    jitter = [0.0, 0.1, 0.05, 0.02, 0.08, 0.03]
+
+    def uploads(groups: list[int]) -> dict[int, Update]:
+        # Client c's B sits at (+5, 0) or (-5, 0) by its group, plus a small jitter.
+        return {
+            c: Update(upload({0: ([[0.0]], [[5.0 * (1 - 2 * g) + jitter[c]], [jitter[c]]])}), 1)
+            for c, g in enumerate(groups)
+        }
+
+    algo = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, cut="threshold", rebuild_fit=0.8)
+    algo.aggregate(0, uploads([0, 0, 0, 1, 1, 1]))
+    assert algo.structure()["partitions"] == [[[0, 1, 2], [3, 4, 5]]]
+    algo.aggregate(1, uploads([0, 0, 0, 1, 1, 1]))  # same groups: the tree still fits
+    algo.aggregate(2, uploads([0, 0, 1, 0, 1, 1]))  # clients 2 and 3 swapped sides
+    s = algo.structure()
+    (r1, fit1), (r2, fit2) = s["tree_fit"]
+    assert (r1, r2) == (1, 2) and fit1 > 0.99 and fit2 < 0.8
+    assert [(e["round"], e["reason"]) for e in s["tree_history"]] == [(0, "warmup"), (2, "drift")]
+    assert s["tree_history"][1]["fit"] == fit2
+    assert s["partitions"] == [[[0, 1, 3], [2, 4, 5]]] and s["built_round"] == 2
+    # The experts follow the new tree: client 3's cluster expert is the mean of 0, 1 and 3.
+    b = algo.configure(3, [3])[3].tensors[key(0, "cluster", "B")]
+    assert_close(b, torch.tensor([[5.0 + (0.0 + 0.1 + 0.02) / 3], [(0.0 + 0.1 + 0.02) / 3]]))
+    # Without the bound (the default) the drift goes unnoticed.
+    plain = build(make_ctx({c: 1 for c in range(6)}, shapes), warmup_rounds=1, cut="threshold")
+    for rnd, groups in enumerate([[0, 0, 0, 1, 1, 1]] * 2 + [[0, 0, 1, 0, 1, 1]]):
+        plain.aggregate(rnd, uploads(groups))
+    assert plain.structure()["partitions"] == [[[0, 1, 2], [3, 4, 5]]] and plain.structure()["tree_fit"] == []
+    # report.py draws the partitions over time from `structure`.
+    out = draw_tree_history(s["tree_history"], s["tree_fit"], tmp_path / "tree_history.png")
+    assert out.stat().st_size > 1000

@@ -75,8 +75,33 @@ def draw_run(run_dir: Path) -> list[Path]:
     title = f"{summary['algorithm']} on {summary['dataset']} ({summary['model']})"
     metric = str(summary.get("metric", "accuracy"))
     drawn = [draw_learning_curves(rows, title, plots / "learning_curves.png", metric)]
-    drawn += get_algorithm(summary["algorithm"]).draw(summary.get("structure", {}), plots)
+    structure = summary.get("structure", {})
+    drawn += get_algorithm(summary["algorithm"]).draw(structure, plots)
+    if structure.get("tree_history"):
+        drawn.append(
+            draw_tree_history(structure["tree_history"], structure.get("tree_fit", []), plots / "tree_history.png")
+        )
     return drawn
+
+
+def draw_tree_history(history: Sequence[Mapping[str, Any]], fit: Sequence[Sequence[Any]], out: Path) -> Path:
+    """A client tree's partitions over time: clusters per layer at every (re)build, and
+    the tree's cophenetic fit to the clients after every round where it was checked."""
+    fig, (ax_counts, ax_fit) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for event in history:
+        counts = event["cluster_counts"]
+        ax_counts.plot(range(len(counts)), counts, marker="o", label=f"round {event['round'] + 1} ({event['reason']})")
+    ax_counts.set(xlabel="layer (0 = shallowest)", ylabel="clusters", title="partitions at each (re)build")
+    checked = [(r + 1, f) for r, f in fit if f is not None]
+    if checked:
+        ax_fit.plot(*zip(*checked, strict=True), marker="o", label="cophenetic correlation")
+    rebuilt = [(e["round"] + 1, e["fit"]) for e in history if e.get("fit") is not None]
+    if rebuilt:
+        ax_fit.scatter(*zip(*rebuilt, strict=True), color="tab:red", zorder=3, label="rebuilt (drift)")
+    ax_fit.set(xlabel="round", ylabel="fit of the tree", title="tree against the clients' distances")
+    if not checked:
+        ax_fit.text(0.5, 0.5, "not checked (rebuild_fit = 0)", ha="center", va="center", transform=ax_fit.transAxes)
+    return _save(fig, [ax for ax in (ax_counts, ax_fit) if ax.get_legend_handles_labels()[0]], out)
 
 
 def run_curves(run_dir: Path) -> dict[str, Any]:

@@ -69,6 +69,10 @@ weighting : "uniform" (default) or "examples"
     Weights of the expert means (uniform as in the paper, or by training examples).
 rebuild_every : int, default 0
     Rebuild the tree and the cuts every R rounds from the latest uploads (0 = never).
+rebuild_fit : float, default 0.0
+    Rebuild them when the tree no longer fits the clients: after every round, the cophenetic
+    correlation between the tree and the current global distances; below this bound, a
+    rebuild (0 = never check).
 fixed_k : int, default 0
     Ablation: cut the tree into this many clusters at every layer (0 = choose per layer).
 independent_layers : bool, default False
@@ -89,7 +93,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import cut_tree
+from scipy.cluster.hierarchy import cophenet, cut_tree
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
@@ -129,6 +133,7 @@ class FedTreeLoraOptions(Options):
     lambda_lr_mult: float = 10.0
     weighting: str = "uniform"
     rebuild_every: int = 0
+    rebuild_fit: float = 0.0
     fixed_k: int = 0
     independent_layers: bool = False
     no_external: bool = False
@@ -167,6 +172,10 @@ class FedTreeLoraOptions(Options):
             raise FedLoraError(f"algorithm.lambda_lr_mult = {self.lambda_lr_mult}: use a positive multiplier")
         if self.rebuild_every < 0:
             raise FedLoraError(f"algorithm.rebuild_every = {self.rebuild_every}: use 0 (never) or a number of rounds")
+        if not 0.0 <= self.rebuild_fit < 1.0:
+            raise FedLoraError(
+                f"algorithm.rebuild_fit = {self.rebuild_fit}: a cophenetic correlation bound in [0, 1) (0 = never)"
+            )
         if self.fixed_k < 0:
             raise FedLoraError(f"algorithm.fixed_k = {self.fixed_k}: use 0 (choose per layer) or a cluster count")
         if self.fixed_k and self.independent_layers:
@@ -545,6 +554,25 @@ def plan_tree(distances: Distances, clients: Sequence[int], options: FedTreeLora
     )
 
 
+def tree_fit(tree: ClientTree, distances: np.ndarray) -> float | None:
+    """Cophenetic correlation between ``tree`` and per-layer distances ``(L, N, N)``: of the
+    shared tree against their mean, or the mean over layers of each layer's own tree
+    (independent layers). ``None`` where it is undefined (under 3 clients, constant distances)."""
+    if len(tree.clients) < 3:
+        return None
+    if tree.linkage is not None:
+        pairs = [(tree.linkage, distances.mean(0))]
+    else:
+        pairs = list(zip(tree.layer_linkages, distances, strict=True))
+    values = []
+    for linkage, distance in pairs:
+        condensed = squareform(_clean(distance), checks=False)
+        if np.ptp(condensed) == 0 or np.ptp(linkage[:, 2]) == 0:
+            return None
+        values.append(float(cophenet(linkage, condensed)[0]))
+    return float(np.mean(values))
+
+
 def decide_counts(tree: np.ndarray, distances: Distances, options: FedTreeLoraOptions, rule: CutRule) -> list[LayerCut]:
     """Every layer's count: on ``tree`` and the full distances (threshold), or on a tree of
     the ``fit`` distances tested under the ``test`` distances (calibrated)."""
@@ -587,6 +615,11 @@ class FedTreeLora(Algorithm):
         self.global_lora: Tensors = dict(self.init)
         self.tree: ClientTree | None = None
         self.built_round = -1
+        #: Every (re)build: round, reason, the fit that triggered it, counts and partitions.
+        self.history: list[dict[str, Any]] = []
+        #: ``[round, cophenetic correlation]`` of the tree against the clients after each
+        #: post-warmup round (``rebuild_fit > 0`` only).
+        self.fit_by_round: list[list[Any]] = []
         #: Modules where a client holds a trained theta in its private state.
         self.has_theta: dict[int, set[str]] = {}
         #: ``(layer, cluster)`` -> cluster expert and external expert tensors.
@@ -646,12 +679,37 @@ class FedTreeLora(Algorithm):
         if self.tree is None and self.options.warmup_mode == "fedit" and updates:
             weights = self.weights(list(updates), self.options.weighting)
             self.global_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
-        rebuild = self.options.rebuild_every > 0 and rnd - self.built_round >= self.options.rebuild_every
-        if (self.tree is None and rnd + 1 >= self.options.warmup_rounds) or (self.tree is not None and rebuild):
-            self.tree = plan_tree(self.distances(), self.ctx.client_ids, self.options, self.ctx.seed + rnd)
+        reason, distances, fit = self.rebuild_reason(rnd)
+        if reason:
+            distances = distances or self.distances()
+            self.tree = plan_tree(distances, self.ctx.client_ids, self.options, self.ctx.seed + rnd)
             self.built_round = rnd
+            self.history.append(
+                {
+                    "round": rnd,
+                    "reason": reason,
+                    "fit": fit,
+                    "cluster_counts": self.tree.counts,
+                    "partitions": self.tree.partitions(),
+                }
+            )
         if self.tree is not None:
             self.update_experts()
+
+    def rebuild_reason(self, rnd: int) -> tuple[str, Distances | None, float | None]:
+        """Why the tree is (re)built after round ``rnd`` ("" = it is not), the distances
+        computed to decide it, and the tree's fit to them (``rebuild_fit`` only)."""
+        opts = self.options
+        if self.tree is None:
+            return ("warmup" if rnd + 1 >= opts.warmup_rounds else ""), None, None
+        if opts.rebuild_every > 0 and rnd - self.built_round >= opts.rebuild_every:
+            return "every", None, None
+        if opts.rebuild_fit <= 0:
+            return "", None, None
+        distances = self.distances()
+        fit = tree_fit(self.tree, distances.full)
+        self.fit_by_round.append([rnd, fit])
+        return ("drift" if fit is not None and fit < opts.rebuild_fit else ""), distances, fit
 
     # --- server computations ------------------------------------------------------------
     def distances(self) -> Distances:
@@ -700,6 +758,8 @@ class FedTreeLora(Algorithm):
             "cut_p_values": _json_counts(self.tree.p_values),
             "partitions": self.tree.partitions(),
             "built_round": self.built_round,
+            "tree_history": self.history,
+            "tree_fit": self.fit_by_round,
         }
 
     @classmethod
@@ -717,6 +777,8 @@ class FedTreeLora(Algorithm):
         meta = {
             "tree": None if self.tree is None else self.tree.to_json(),
             "built_round": self.built_round,
+            "history": self.history,
+            "fit_by_round": self.fit_by_round,
             "has_theta": {str(c): sorted(s) for c, s in self.has_theta.items()},
         }
         return tensors, meta
@@ -733,6 +795,8 @@ class FedTreeLora(Algorithm):
                 self.global_lora[rest] = value
         self.tree = None if meta["tree"] is None else ClientTree.from_json(meta["tree"])
         self.built_round = int(meta["built_round"])
+        self.history = list(meta.get("history", []))
+        self.fit_by_round = list(meta.get("fit_by_round", []))
         self.has_theta = {int(c): set(s) for c, s in meta["has_theta"].items()}
         if self.tree is not None:
             self.update_experts()
