@@ -22,10 +22,13 @@ from fedlora.algorithms.fedtreelora import (
     Distances,
     FedTreeLoraOptions,
     block_permutations,
+    build_tree,
+    canonical_labels,
     choose_cluster_counts,
     layer_distances,
     plan_tree,
     silhouettes,
+    tree_cuts,
 )
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
@@ -568,3 +571,19 @@ def test_tree_is_rebuilt_when_the_clients_no_longer_fit_it(tmp_path: Path) -> No
     # report.py draws the partitions over time from `structure`.
     out = draw_tree_history(s["tree_history"], s["tree_fit"], tmp_path / "tree_history.png")
     assert out.stat().st_size > 1000
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40), method=st.sampled_from(["average", "complete", "single"]))
+def test_tree_cuts_equal_scipy_cut_tree(seed: int, n: int, method: str) -> None:
+    from scipy.cluster.hierarchy import cut_tree
+
+    points = np.random.default_rng(seed).normal(size=(n, 3))  # no ties: scipy breaks them otherwise
+    tree = build_tree(np.linalg.norm(points[:, None] - points[None], axis=-1), method)
+    ours = tree_cuts(tree, range(1, n + 1))
+    # scipy's cut_tree is compared up to N - 1 clusters (the most the algorithm asks for;
+    # for n_clusters = N scipy 1.x returns one cluster), ours gives singletons at N.
+    theirs = cut_tree(tree, n_clusters=list(range(1, n)))
+    for c in range(1, n):
+        assert ours[c].tolist() == canonical_labels(theirs[:, c - 1]).tolist()
+    assert ours[n].tolist() == list(range(n))
