@@ -298,7 +298,7 @@ def planted_points(
 )
 def test_calibrated_cut_separates_planted_groups(seed: int, groups: int, size: int, dim: int, shallow: int) -> None:
     points, planted = planted_points(np.random.default_rng(seed), groups, size, dim, shallow)
-    tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(), seed)
+    tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(cut="calibrated"), seed)
     # The deepest layer splits at least into the groups and no cluster mixes two of them.
     assert tree.counts[-1] >= groups
     deepest = tree.labels[-1]
@@ -316,7 +316,7 @@ def test_calibrated_cut_recovers_planted_groups_exactly() -> None:
     for seed in range(60):
         groups, size, dim, shallow = 2 + seed % 2, 5 + seed % 3, int(rng.integers(32, 129)), seed % 3
         points, planted = planted_points(rng, groups, size, dim, shallow)
-        tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(), seed)
+        tree = plan_tree(views(points), list(range(groups * size)), FedTreeLoraOptions(cut="calibrated"), seed)
         found = tree.labels[-1]
         exact += tree.counts[-1] == groups and all(len(set(found[planted == g].tolist())) == 1 for g in range(groups))
     assert exact == 57
