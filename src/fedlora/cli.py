@@ -205,7 +205,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     label = metric_label(summary)
     parts = [f"{summary['algorithm']}: {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s"]
     if acc is not None:
-        parts.append(f"personalized {label} {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+        parts.append(f"personalized {label} trained {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+    received = final.get("personalized_acc_mean_received")
+    if received is not None:
+        parts.append(f"personalized {label} received {received:.4f} ± {final['personalized_acc_std_received']:.4f}")
     if glob is not None:
         parts.append(f"global {label} {glob:.4f}")
     print("; ".join(parts))

@@ -30,7 +30,7 @@ from fedlora.errors import FedLoraError
 from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
 from fedlora.lora import LoraModel, init_state, num_bytes
-from fedlora.metrics import MetricsLog, round_aggregate, summarize
+from fedlora.metrics import RECEIVED, MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
@@ -172,6 +172,8 @@ class ClientOutcome:
     row: dict[str, Any]
     result: EvalResult | None
     trainable_params: int
+    #: The evaluation of the received model, before training (``eval.personalized``).
+    received: EvalResult | None = None
 
 
 @dataclass
@@ -188,6 +190,13 @@ class ClientFailure:
         return {"error": self.error, "message": self.message}
 
 
+def eval_fields(result: EvalResult, suffix: str = "") -> dict[str, Any]:
+    """A client's evaluation as metrics-row fields: ``acc``, ``loss``, ``n``, the task's extra
+    means and the slot weights, each key followed by ``suffix`` (``n`` excepted)."""
+    fields = {"acc": result.acc, "loss": result.loss, **result.extra_row(), **result.slot_weight_means()}
+    return {"n": result.n, **{f"{key}{suffix}": value for key, value in fields.items()}}
+
+
 def client_round(
     fed: Federation,
     rnd: int,
@@ -199,12 +208,19 @@ def client_round(
 ) -> ClientOutcome:
     """One client's round on the shared model (used by every runtime).
 
-    Loads the payload over the client's private state, trains, splits what it trained
-    into upload and private state (adapters by the payload's upload patterns, the head by
-    the head policy), and evaluates on the client's test split if asked.
+    Loads the payload over the client's private state, scores that received model on the
+    client's test split (``eval.personalized`` "received" or "both"), trains, splits what
+    it trained into upload and private state (adapters by the payload's upload patterns,
+    the head by the head policy), and scores the trained model ("trained" or "both").
+    Nothing is scored in a round that is not evaluated.
     """
+    protocol = fed.config.eval.personalized
     fed.runner.load(payload, private, head_payload)
     train_idx = fed.splits[cid].train
+    test_idx = fed.splits[cid].test
+    received = None
+    if evaluate and protocol in ("received", "both"):
+        received = fed.runner.evaluate(test_idx, reference=train_idx)
     train_loss = fed.runner.train(cid, rnd, train_idx, fed.algorithm.lr_multipliers)
     trained = fed.runner.trained_state()
     adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
@@ -222,11 +238,16 @@ def client_round(
         "n_train": len(train_idx),
     }
     result = None
+    if evaluate and protocol in ("trained", "both"):
+        result = fed.runner.evaluate(test_idx, reference=train_idx)
+        row.update(eval_fields(result))
+    if received is not None:
+        row.update(eval_fields(received, RECEIVED))
     metrics: dict[str, float] = {"train_loss": train_loss}
-    if evaluate:
-        result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
-        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.extra_row(), **result.slot_weight_means())
-        metrics.update(result.slot_weight_means())
+    # The test-time slot weights depend on the frozen embeddings only: both protocols see the same.
+    scored = result if result is not None else received
+    if scored is not None:
+        metrics.update(scored.slot_weight_means())
     return ClientOutcome(
         update=Update(upload, len(train_idx), metrics),
         head_upload=head_upload,
@@ -234,6 +255,7 @@ def client_round(
         row=row,
         result=result,
         trainable_params=sum(t.numel() for t in trained.values()),
+        received=received,
     )
 
 
@@ -309,8 +331,9 @@ class Simulation:
         seconds = time.perf_counter() - start
         client_rows = [o.row for o in outcomes.values()]
         results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
+        received = {cid: o.received for cid, o in outcomes.items() if o.received is not None}
         aggregate = round_aggregate(
-            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales
+            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received
         )
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds

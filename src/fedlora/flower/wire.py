@@ -13,8 +13,9 @@ A train message holds three records:
     An ArrayRecord: the head tensors of a federated head (empty otherwise).
 
 The reply holds ``update`` and ``head`` (ArrayRecords: the uploaded tensors) and
-``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluation, its number
-of training examples and update metrics). Bytes are counted from the arrays of these
+``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluations (after
+training, and of the received model before it), its number of training examples and
+update metrics). Bytes are counted from the arrays of these
 records (fp32 data, no framing), the same measure the simulator uses.
 """
 
@@ -148,11 +149,12 @@ def read_train(content: RecordDict) -> TrainInstruction:
 
 def reply_content(outcome: ClientOutcome) -> RecordDict:
     """The reply of a client: what it uploads and what it measured."""
-    result = outcome.result
+    result, received = outcome.result, outcome.received
     meta = ConfigRecord(
         {
             "row": json.dumps(outcome.row),
             "eval": json.dumps(None if result is None else dataclasses.asdict(result)),
+            "eval_received": json.dumps(None if received is None else dataclasses.asdict(received)),
             "num_examples": outcome.update.num_examples,
             "metrics": json.dumps(outcome.update.metrics),
             "trainable_params": outcome.trainable_params,
@@ -175,6 +177,7 @@ def read_reply(content: RecordDict) -> ClientOutcome:
     row: dict[str, Any] = json.loads(str(meta["row"]))
     row["bytes_up"] = record_bytes(update_record) + record_bytes(head_record)
     result = json.loads(str(meta["eval"]))
+    received = json.loads(str(meta["eval_received"]))
     return ClientOutcome(
         update=Update(from_record(update_record), as_int(meta["num_examples"]), json.loads(str(meta["metrics"]))),
         head_upload=from_record(head_record),
@@ -182,4 +185,5 @@ def read_reply(content: RecordDict) -> ClientOutcome:
         row=row,
         result=None if result is None else EvalResult(**result),
         trainable_params=as_int(meta["trainable_params"]),
+        received=None if received is None else EvalResult(**received),
     )
