@@ -118,5 +118,5 @@ def test_feddpa_instance_weighting_works_on_the_received_model(tmp_path: Path) -
 
 
 def test_an_unknown_protocol_is_refused() -> None:
-    with pytest.raises(FedLoraError, match="eval.personalized"):
+    with pytest.raises(FedLoraError, match=r"eval\.personalized"):
         load_config(SMOKE, ["eval.personalized='before'"])
