@@ -13,11 +13,11 @@ pytest.importorskip("flwr")
 
 from fedlora.algorithms import Update, registry
 from fedlora.cli import main
+from fedlora.client import ClientOutcome
 from fedlora.config import load_config
 from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
 from fedlora.flower.wire import from_record, read_reply, record_bytes, reply_content, to_record
-from fedlora.simulation import ClientOutcome
 from fedlora.tasks import EvalResult
 
 ROOT = Path(__file__).parent.parent
@@ -71,12 +71,25 @@ def test_a_reply_carries_the_whole_evaluation() -> None:
     )
     update = Update({"layers.0.query.lora.A": torch.ones(2, 3)}, 7, {"train_loss": 0.5})
     row = {"round": 1, "client": 2, "acc": 0.625, "bytes_up": 0}
-    outcome = ClientOutcome(update, {}, {"private.x": torch.zeros(1)}, row, result, 6)
+    received = EvalResult(correct=1.0, loss_sum=1.5, n=2, slot_weight_sums={"local": 0.5})
+    outcome = ClientOutcome(update, {}, {"private.x": torch.zeros(1)}, row, result, 6, received)
     back = read_reply(reply_content(outcome))
-    assert back.result == result
+    assert back.result == result and back.received == received
     assert back.private == {} and back.trainable_params == 6
     assert back.update.num_examples == 7 and back.update.metrics == {"train_loss": 0.5}
     assert back.row == {**row, "bytes_up": 2 * 3 * 4}
+
+
+def test_a_payload_crosses_the_wire_with_its_lr_multipliers() -> None:
+    from fedlora.algorithms import Payload
+    from fedlora.flower.wire import read_train, train_content
+    from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
+
+    layout = Layout.uniform([ModuleId(0, "query")], ModuleLayout(slots=(SlotSpec("lora", 2, 4.0),)))
+    payload = Payload(layout, {"layers.0.query.lora.A": torch.ones(2, 3)}, lr_multipliers={"*.mix.theta": 10.0})
+    work = read_train(train_content("[run]\n", 3, 1, payload, {}, True))
+    assert work.payload.lr_multipliers == {"*.mix.theta": 10.0} and work.rnd == 3 and work.client == 1
+    assert torch.equal(work.payload.tensors["layers.0.query.lora.A"], torch.ones(2, 3))
 
 
 def test_instance_weighting_crosses_the_wire_and_nothing_else_does() -> None:

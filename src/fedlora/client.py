@@ -1,5 +1,9 @@
 """Local training and evaluation of one client on the one shared model.
 
+:func:`client_round` is a client's whole round, in every runtime: it takes the client's
+:class:`ClientContext` (its runner and its own data), the round's payload and its private
+state, and returns a :class:`ClientOutcome`. It never sees the federation.
+
 The runtime keeps a single :class:`~fedlora.lora.LoraModel` in memory. For each client
 it calls :meth:`ClientRunner.load` (layout, seeded defaults, private state, payload),
 :meth:`ClientRunner.train` (AdamW over the layout's trainable tensors), then reads the
@@ -13,16 +17,20 @@ import fnmatch
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedlora.algorithms.base import Payload, Tensors
+from fedlora.algorithms.base import Payload, Tensors, Update
 from fedlora.config import TrainConfig
-from fedlora.lora import LoraModel, init_state
+from fedlora.heads import is_head_key
+from fedlora.lora import LoraModel, init_state, num_bytes
+from fedlora.metrics import RECEIVED
 from fedlora.tasks import EvalResult, Objective
 
-__all__ = ["ClientRunner", "EvalResult", "derive_seed"]
+__all__ = ["ClientContext", "ClientOutcome", "ClientRunner", "EvalResult", "client_round", "derive_seed"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -186,3 +194,109 @@ class ClientRunner:
             self.lora_model.set_instance_weights(None)
         result.slot_weight_sums = weight_sums
         return result
+
+
+@dataclass
+class ClientContext:
+    """What one client needs for a round, built from the config and the client's own data.
+
+    Nothing here reaches the federation: a runtime (the simulator, a Flower SuperNode)
+    builds one per client and passes it to :func:`client_round` with the round's payload.
+
+    Attributes
+    ----------
+    client
+        The client's id (seeds of its batches and dropout derive from it).
+    runner
+        The model runner: the model with LoRA, the task's objective over the client's
+        examples, the training settings and the run seed.
+    train, test
+        The client's training and test examples (rows of ``runner.objective``).
+    head_policy
+        ``model.head``: whether a trained head is uploaded (``federated``) or kept.
+    personalized
+        ``eval.personalized``: which evaluation protocol(s) to score.
+    """
+
+    client: int
+    runner: ClientRunner
+    train: np.ndarray
+    test: np.ndarray
+    head_policy: str = "frozen"
+    personalized: str = "both"
+
+
+@dataclass
+class ClientOutcome:
+    """What one client's round produced: its update, new private state and metrics row."""
+
+    update: Update
+    head_upload: Tensors
+    private: Tensors
+    row: dict[str, Any]
+    result: EvalResult | None
+    trainable_params: int
+    #: The evaluation of the received model, before training (``eval.personalized``).
+    received: EvalResult | None = None
+
+
+def eval_fields(result: EvalResult, suffix: str = "") -> dict[str, Any]:
+    """A client's evaluation as metrics-row fields: ``acc``, ``loss``, ``n``, the task's extra
+    means and the slot weights, each key followed by ``suffix`` (``n`` excepted)."""
+    fields = {"acc": result.acc, "loss": result.loss, **result.extra_row(), **result.slot_weight_means()}
+    return {"n": result.n, **{f"{key}{suffix}": value for key, value in fields.items()}}
+
+
+def client_round(
+    ctx: ClientContext, rnd: int, payload: Payload, private: Tensors, head_payload: Tensors, evaluate: bool
+) -> ClientOutcome:
+    """One client's round on the shared model (used by every runtime).
+
+    Loads the payload over the client's private state, scores that received model on the
+    client's test split (``eval.personalized`` "received" or "both"), trains with the
+    payload's learning-rate multipliers, splits what it trained into upload and private
+    state (adapters by the payload's upload patterns, the head by the head policy), and
+    scores the trained model ("trained" or "both"). Nothing is scored in a round that is
+    not evaluated. The update carries the client's own example count.
+    """
+    runner = ctx.runner
+    runner.load(payload, private, head_payload)
+    received = None
+    if evaluate and ctx.personalized in ("received", "both"):
+        received = runner.evaluate(ctx.test, reference=ctx.train)
+    train_loss = runner.train(ctx.client, rnd, ctx.train, payload.lr_multipliers)
+    trained = runner.trained_state()
+    adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
+    head = {k: v for k, v in trained.items() if is_head_key(k)}
+    upload, new_private = payload.split(adapters)
+    head_upload = head if ctx.head_policy == "federated" and payload.upload else {}
+    new_private.update({k: v for k, v in head.items() if k not in head_upload})
+    row: dict[str, Any] = {
+        "round": rnd,
+        "client": ctx.client,
+        "split": "test",
+        "train_loss": train_loss,
+        "bytes_up": num_bytes(upload) + num_bytes(head_upload),
+        "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
+        "n_train": len(ctx.train),
+    }
+    result = None
+    if evaluate and ctx.personalized in ("trained", "both"):
+        result = runner.evaluate(ctx.test, reference=ctx.train)
+        row.update(eval_fields(result))
+    if received is not None:
+        row.update(eval_fields(received, RECEIVED))
+    metrics: dict[str, float] = {"train_loss": train_loss}
+    # The test-time slot weights depend on the frozen embeddings only: both protocols see the same.
+    scored = result if result is not None else received
+    if scored is not None:
+        metrics.update(scored.slot_weight_means())
+    return ClientOutcome(
+        update=Update(upload, len(ctx.train), metrics),
+        head_upload=head_upload,
+        private=new_private,
+        row=row,
+        result=result,
+        trainable_params=sum(t.numel() for t in trained.values()),
+        received=received,
+    )

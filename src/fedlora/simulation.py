@@ -23,14 +23,14 @@ from safetensors.torch import save as save_tensors
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
-from fedlora.client import ClientRunner, EvalResult, derive_seed
+from fedlora.client import ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
 from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
-from fedlora.lora import LoraModel, init_state, num_bytes
-from fedlora.metrics import RECEIVED, MetricsLog, round_aggregate, summarize
+from fedlora.lora import LoraModel, init_state
+from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
@@ -96,6 +96,13 @@ class Federation:
     @property
     def client_ids(self) -> list[int]:
         return self.ctx.client_ids
+
+    def client_context(self, cid: int) -> ClientContext:
+        """What client ``cid`` needs for a round: the shared runner and its own split."""
+        split = self.splits[cid]
+        return ClientContext(
+            cid, self.runner, split.train, split.test, self.config.model.head, self.config.eval.personalized
+        )
 
 
 def build_federation(config: Config) -> Federation:
@@ -163,20 +170,6 @@ def build_federation(config: Config) -> Federation:
 
 
 @dataclass
-class ClientOutcome:
-    """What one client's round produced: its update, new private state and metrics row."""
-
-    update: Update
-    head_upload: Tensors
-    private: Tensors
-    row: dict[str, Any]
-    result: EvalResult | None
-    trainable_params: int
-    #: The evaluation of the received model, before training (``eval.personalized``).
-    received: EvalResult | None = None
-
-
-@dataclass
 class ClientFailure:
     """Why a client's round produced no update: an exception, no reply, or a rejected update."""
 
@@ -188,75 +181,6 @@ class ClientFailure:
     def record(self) -> dict[str, str]:
         """The ``error`` and ``message`` fields of a failure row."""
         return {"error": self.error, "message": self.message}
-
-
-def eval_fields(result: EvalResult, suffix: str = "") -> dict[str, Any]:
-    """A client's evaluation as metrics-row fields: ``acc``, ``loss``, ``n``, the task's extra
-    means and the slot weights, each key followed by ``suffix`` (``n`` excepted)."""
-    fields = {"acc": result.acc, "loss": result.loss, **result.extra_row(), **result.slot_weight_means()}
-    return {"n": result.n, **{f"{key}{suffix}": value for key, value in fields.items()}}
-
-
-def client_round(
-    fed: Federation,
-    rnd: int,
-    cid: int,
-    payload: Payload,
-    private: Tensors,
-    head_payload: Tensors,
-    evaluate: bool,
-) -> ClientOutcome:
-    """One client's round on the shared model (used by every runtime).
-
-    Loads the payload over the client's private state, scores that received model on the
-    client's test split (``eval.personalized`` "received" or "both"), trains, splits what
-    it trained into upload and private state (adapters by the payload's upload patterns,
-    the head by the head policy), and scores the trained model ("trained" or "both").
-    Nothing is scored in a round that is not evaluated.
-    """
-    protocol = fed.config.eval.personalized
-    fed.runner.load(payload, private, head_payload)
-    train_idx = fed.splits[cid].train
-    test_idx = fed.splits[cid].test
-    received = None
-    if evaluate and protocol in ("received", "both"):
-        received = fed.runner.evaluate(test_idx, reference=train_idx)
-    train_loss = fed.runner.train(cid, rnd, train_idx, fed.algorithm.lr_multipliers)
-    trained = fed.runner.trained_state()
-    adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
-    head = {k: v for k, v in trained.items() if is_head_key(k)}
-    upload, new_private = payload.split(adapters)
-    head_upload = head if fed.head.policy == "federated" and payload.upload else {}
-    new_private.update({k: v for k, v in head.items() if k not in head_upload})
-    row: dict[str, Any] = {
-        "round": rnd,
-        "client": cid,
-        "split": "test",
-        "train_loss": train_loss,
-        "bytes_up": num_bytes(upload) + num_bytes(head_upload),
-        "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
-        "n_train": len(train_idx),
-    }
-    result = None
-    if evaluate and protocol in ("trained", "both"):
-        result = fed.runner.evaluate(test_idx, reference=train_idx)
-        row.update(eval_fields(result))
-    if received is not None:
-        row.update(eval_fields(received, RECEIVED))
-    metrics: dict[str, float] = {"train_loss": train_loss}
-    # The test-time slot weights depend on the frozen embeddings only: both protocols see the same.
-    scored = result if result is not None else received
-    if scored is not None:
-        metrics.update(scored.slot_weight_means())
-    return ClientOutcome(
-        update=Update(upload, len(train_idx), metrics),
-        head_upload=head_upload,
-        private=new_private,
-        row=row,
-        result=result,
-        trainable_params=sum(t.numel() for t in trained.values()),
-        received=received,
-    )
 
 
 ProgressHook = Callable[[int, int | None], None]
@@ -325,6 +249,8 @@ class Simulation:
             for cid, o in outcomes.items()
         }
         head_uploads = {cid: {k: v for k, v in uploads[cid].items() if is_head_key(k)} for cid in outcomes}
+        # The server learns each client's example count from its update, not from a shared partition.
+        fed.ctx.num_examples.update({cid: u.num_examples for cid, u in updates.items()})
         fed.algorithm.aggregate(rnd, updates)
         fed.head.aggregate(head_uploads, fed.algorithm.weights(list(head_uploads)))
         global_result = self._evaluate_global() if evaluate else None
@@ -355,7 +281,8 @@ class Simulation:
         results: dict[int, ClientOutcome | ClientFailure] = {}
         for cid, payload in payloads.items():
             try:
-                results[cid] = client_round(self.fed, rnd, cid, payload, self.store.get(cid), head_payload, evaluate)
+                context = self.fed.client_context(cid)
+                results[cid] = client_round(context, rnd, payload, self.store.get(cid), head_payload, evaluate)
             except Exception as exc:  # any fault of one client drops that client only
                 results[cid] = ClientFailure(type(exc).__name__, str(exc), exc)
                 if self.config.federation.on_client_error == "fail":
@@ -373,7 +300,7 @@ class Simulation:
         the round from (the reference of its update's change).
         """
         fed = self.fed
-        payloads = fed.algorithm.configure(rnd, clients)
+        payloads = fed.algorithm.payloads(rnd, clients)
         head_payload = fed.head.payload()
         head_shapes = {k: tuple(v.shape) for k, v in head_payload.items()}
         results = self.run_clients(rnd, payloads, head_payload, evaluate)

@@ -20,7 +20,7 @@ import fnmatch
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,6 +89,10 @@ class Payload:
     instance_weighting
         Test-time per-example slot weights (see :class:`InstanceWeighting`); ``None``
         evaluates with the layout's fixed weights. Nothing extra crosses the wire.
+    lr_multipliers
+        Learning-rate multipliers of the trained tensors whose key matches an fnmatch
+        pattern (the first match wins; others train at ``train.lr``). Filled in from
+        :attr:`Algorithm.lr_multipliers` by :meth:`Algorithm.payloads`.
     """
 
     layout: Layout
@@ -96,6 +100,7 @@ class Payload:
     upload: tuple[str, ...] = ("*",)
     wire_bytes: int | None = None
     instance_weighting: InstanceWeighting | None = None
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def download_bytes(self) -> int:
         return num_bytes(self.tensors) if self.wire_bytes is None else self.wire_bytes
@@ -166,6 +171,15 @@ class Algorithm(ABC):
         self.options = options
 
     # --- server hooks ---------------------------------------------------------------
+    def payloads(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """What the runtimes send: :meth:`configure`'s payloads, each carrying what the
+        client needs from the algorithm besides tensors (its learning-rate multipliers)."""
+        mults = dict(self.lr_multipliers)
+        return {
+            c: p if p.lr_multipliers or not mults else replace(p, lr_multipliers=mults)
+            for c, p in self.configure(rnd, clients).items()
+        }
+
     @abstractmethod
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         """Payloads for the clients sampled in round ``rnd``."""
@@ -203,7 +217,11 @@ class Algorithm(ABC):
         return Layout.uniform(self.ctx.module_ids, ModuleLayout(slots=(spec,)))
 
     def weights(self, clients: Sequence[int], weighting: str = "examples") -> dict[int, float]:
-        """Aggregation weights q_k over ``clients`` (by examples, or uniform)."""
+        """Aggregation weights q_k over ``clients`` (by examples, or uniform).
+
+        ``ctx.num_examples`` starts from the partition where the runtime has one and is
+        updated by the runtime from each update's ``num_examples`` (the count the client
+        reports) before :meth:`aggregate`."""
         if weighting == "uniform":
             return {c: 1.0 / len(clients) for c in clients}
         total = sum(self.ctx.num_examples[c] for c in clients)

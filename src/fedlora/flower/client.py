@@ -5,7 +5,7 @@ Flower's simulation engine or by ``flower-supernode --node-config "partition-id=
 num-partitions=N"``). Each train message carries the run config; the client builds the
 same :class:`~fedlora.simulation.Federation` the simulator builds from it (same
 partition, seed and model), once per process, and runs exactly the simulator's
-:func:`~fedlora.simulation.client_round`. Its private state lives in ``context.state``.
+:func:`~fedlora.client.client_round`. Its private state lives in ``context.state``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def query_partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training: exactly the simulator's client code."""
-    from fedlora.simulation import client_round
+    from fedlora.client import client_round
 
     work = read_train(msg.content)
     me = partition_id(context)
@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     fed = federation_for(work.config_toml)
     key = private_key(work.config_toml)
     private = from_record(context.state.array_records[key]) if key in context.state.array_records else {}
-    outcome = client_round(fed, work.rnd, me, work.payload, private, work.head, work.evaluate)
+    outcome = client_round(fed.client_context(me), work.rnd, work.payload, private, work.head, work.evaluate)
     state: ArrayRecord = to_record(outcome.private)
     context.state[key] = state
     return Message(reply_content(outcome), reply_to=msg)

@@ -27,10 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.algorithms import Payload
 from fedlora.algorithms.base import Tensors
+from fedlora.client import ClientOutcome
 from fedlora.config import Config, load_config
 from fedlora.errors import FedLoraError
 from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, record_bytes, train_content
-from fedlora.simulation import ClientFailure, ClientOutcome, Simulation
+from fedlora.simulation import ClientFailure, Simulation
 
 #: Flower's own logger, so that fedlora's lines appear among Flower's.
 log = logging.getLogger("flwr")

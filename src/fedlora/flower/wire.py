@@ -5,7 +5,7 @@ A train message holds three records:
 ``fedlora``
     A ConfigRecord: the run config (TOML text; the client builds the same federation
     from it), the round, the fedlora client id, whether to evaluate, and the payload's
-    layout (``Layout.to_json``), upload patterns, ``wire_bytes`` and the test-time
+    layout (``Layout.to_json``), upload patterns, ``wire_bytes``, learning-rate multipliers and the test-time
     instance weighting (its fedlora class and fields) as JSON strings.
 ``payload``
     An ArrayRecord: the payload's tensors.
@@ -34,9 +34,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.algorithms import Payload, Update
 from fedlora.algorithms.base import InstanceWeighting, Tensors
+from fedlora.client import ClientOutcome
 from fedlora.errors import FedLoraError
 from fedlora.lora import Layout
-from fedlora.simulation import ClientOutcome
 from fedlora.tasks import EvalResult
 
 #: Message type of the query that asks a node which fedlora client it is.
@@ -123,6 +123,7 @@ def train_content(
             "upload": json.dumps(list(payload.upload)),
             "wire_bytes": json.dumps(payload.wire_bytes),
             "instance_weighting": json.dumps(weighting_to_json(payload.instance_weighting)),
+            "lr_multipliers": json.dumps(payload.lr_multipliers),
         }
     )
     return RecordDict({"fedlora": meta, "payload": to_record(payload.tensors), "head": to_record(head)})
@@ -136,6 +137,7 @@ def read_train(content: RecordDict) -> TrainInstruction:
         upload=tuple(json.loads(str(meta["upload"]))),
         wire_bytes=json.loads(str(meta["wire_bytes"])),
         instance_weighting=weighting_from_json(json.loads(str(meta["instance_weighting"]))),
+        lr_multipliers={str(k): float(v) for k, v in json.loads(str(meta["lr_multipliers"])).items()},
     )
     return TrainInstruction(
         config_toml=str(meta["config"]),
