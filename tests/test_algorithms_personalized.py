@@ -170,12 +170,14 @@ def test_feddpa_averages_the_global_adapter_and_keeps_the_local_one() -> None:
 
 def test_feddpa_similarity_weights_and_fixed_option() -> None:
     features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
-    weights = SimilarityWeighting().slot_weights(features, torch.tensor([1.0, 0.0]))
+    weights = SimilarityWeighting({"test_weighting": "instance"}).slot_weights(features, torch.tensor([1.0, 0.0]))
     # cos = 1, 0, -1 -> local weight (1 + cos) / 2 = 1, 0.5, 0
     assert_close(weights["local"], torch.tensor([1.0, 0.5, 0.0]))
     assert_close(weights["global"], torch.tensor([0.0, 0.5, 1.0]))
+    instance = build("feddpa", make_ctx(N3)).configure(0, [0])[0]
+    assert SimilarityWeighting(instance.instruction).weights_instances
     fixed = build("feddpa", make_ctx(N3), test_weighting="fixed", local_weight=0.25).configure(0, [0])[0]
-    assert fixed.instance_weighting is None
+    assert not SimilarityWeighting(fixed.instruction).weights_instances
     assert [s.weight for s in fixed.layout.modules[MID].slots] == [0.75, 0.25]
     with pytest.raises(FedLoraError, match="in \\[0, 1\\]"):
         build("feddpa", make_ctx(N3), local_weight=1.5)

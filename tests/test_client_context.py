@@ -3,16 +3,20 @@ from the client (its example count), and what travels with the payload (lr multi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from torch.testing import assert_close
 
 from fedlora.algorithms import Payload, get_algorithm, parse_options
-from fedlora.algorithms.base import Tensors
+from fedlora.algorithms.base import ClientHooks, ReportLambdas, Tensors
 from fedlora.client import ClientContext, ClientOutcome, client_round
 from fedlora.config import load_config
+from fedlora.metrics import client_lambdas
 from fedlora.simulation import ClientFailure, Simulation, build_federation
 from helpers import make_ctx
 
@@ -89,3 +93,37 @@ def test_a_multiplier_scales_the_step_of_the_matching_tensors() -> None:
             assert_close(fast_step, 3.0 * step, rtol=1e-4, atol=1e-7)
         else:
             assert torch.equal(fast_step, step)
+
+
+def test_report_lambdas_sends_sigmoid_theta_per_module() -> None:
+    trained = {
+        "layers.0.query.mix.theta": torch.tensor(0.0),
+        "layers.1.value.mix.theta": torch.tensor(math.log(3.0)),
+        "layers.1.value.cluster.A": torch.ones(2, 3),
+    }
+    report = ReportLambdas({}).report(trained)
+    assert report == pytest.approx({"lambda/layers.0.query": 0.5, "lambda/layers.1.value": 0.75})
+    assert client_lambdas({2: {**report, "train_loss": 1.0}}) == {
+        "2": pytest.approx({"layers.0.query": 0.5, "layers.1.value": 0.75})
+    }
+
+
+class Pull(ClientHooks):
+    """An extra loss that pulls every trained tensor to zero, hard."""
+
+    def extra_loss(self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return 1e6 * sum(((t - 0.0) ** 2).sum() for t in trained.values())  # type: ignore[return-value]
+
+
+def test_an_extra_loss_hook_changes_what_is_minimised_not_the_reported_loss() -> None:
+    fed = build_federation(load_config(SMOKE, ["train.local_steps=1", "train.lr=0.01"]))
+    payload = fed.algorithm.payloads(0, [0])[0]
+    ctx = fed.client_context(0)
+    plain = client_round(ctx, 0, payload, {}, {}, evaluate=False)
+    pulled = client_round(replace(ctx, hooks=Pull), 0, payload, {}, {}, evaluate=False)
+    assert pulled.update.metrics["train_loss"] == plain.update.metrics["train_loss"]
+    # Adam's first step is lr x sign(g): A (nonzero) moves toward 0 by lr; without the pull A stays (B = 0).
+    for key, start in payload.tensors.items():
+        if key.endswith(".A"):
+            assert torch.equal(plain.update.tensors[key], start)
+            assert_close(pulled.update.tensors[key], start - 0.01 * torch.sign(start), rtol=0, atol=1e-6)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.algorithms.base import Payload, Tensors, Update
+from fedlora.algorithms.base import ClientHooks, Payload, Tensors, Update
 from fedlora.config import TrainConfig
 from fedlora.heads import is_head_key
 from fedlora.lora import LoraModel, init_state, num_bytes
@@ -117,11 +117,21 @@ class ClientRunner:
             out.extend(order[i : i + bs] for i in range(0, len(order), bs))
         return out[:steps]
 
-    def train(self, client: int, rnd: int, indices: np.ndarray, lr_multipliers: Mapping[str, float]) -> float:
-        """Run the round's local steps; return the mean training loss."""
+    def train(
+        self,
+        client: int,
+        rnd: int,
+        indices: np.ndarray,
+        lr_multipliers: Mapping[str, float],
+        hooks: ClientHooks | None = None,
+    ) -> float:
+        """Run the round's local steps; return the mean training loss (the task's, without
+        the hooks' extra term, which is added to what is minimised)."""
         cfg = self.train_config
         keys = self.trainable_keys()
         trainable = set(keys)
+        live = dict(self.lora_model.parameters_for(keys))
+        start = {k: v.detach().clone() for k, v in live.items()}
         for key, param in self.lora_model.parameters_for(self.lora_model.all_keys()):
             param.requires_grad_(key in trainable)
         groups: dict[float, list[torch.Tensor]] = {}
@@ -138,8 +148,9 @@ class ClientRunner:
         losses: list[float] = []
         for batch_idx in self.batches(indices, seed):
             loss = self.objective.train_loss(model, batch_idx)
+            extra = hooks.extra_loss(live, start) if hooks is not None else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if extra is None else loss + extra).backward()
             optimizer.step()
             losses.append(float(loss.detach()))
         model.eval()
@@ -157,11 +168,14 @@ class ClientRunner:
 
     @torch.inference_mode()
     def evaluate(
-        self, indices: Sequence[int] | np.ndarray, reference: Sequence[int] | np.ndarray | None = None
+        self,
+        indices: Sequence[int] | np.ndarray,
+        reference: Sequence[int] | np.ndarray | None = None,
+        hooks: ClientHooks | None = None,
     ) -> EvalResult:
         """The task's scores and loss sums on ``indices`` with the model as loaded.
 
-        ``reference`` (the client's training examples) is needed when the payload weights
+        ``reference`` (the client's training examples) is needed when the hooks weight
         slots per instance: each test input (what the model sees at test time: the text,
         or the prompt for generation) is compared with their mean pooled feature.
         """
@@ -169,7 +183,7 @@ class ClientRunner:
         if len(idx) == 0:
             return EvalResult(0, 0.0, 0)
         bs = self.train_config.eval_batch_size
-        weighting = self._payload.instance_weighting if self._payload is not None else None
+        weighting = hooks if hooks is not None and hooks.weights_instances else None
         before_batch = None
         weight_sums: dict[str, float] = {}
         if weighting is not None:
@@ -216,6 +230,9 @@ class ClientContext:
         ``model.head``: whether a trained head is uploaded (``federated``) or kept.
     personalized
         ``eval.personalized``: which evaluation protocol(s) to score.
+    hooks
+        The algorithm's client hooks class (``Algorithm.client_hooks``, found by the
+        config's algorithm name); built each round from the payload's instruction.
     """
 
     client: int
@@ -224,6 +241,7 @@ class ClientContext:
     test: np.ndarray
     head_policy: str = "frozen"
     personalized: str = "both"
+    hooks: type[ClientHooks] = ClientHooks
 
 
 @dataclass
@@ -260,11 +278,12 @@ def client_round(
     not evaluated. The update carries the client's own example count.
     """
     runner = ctx.runner
+    hooks = ctx.hooks(payload.instruction)
     runner.load(payload, private, head_payload)
     received = None
     if evaluate and ctx.personalized in ("received", "both"):
-        received = runner.evaluate(ctx.test, reference=ctx.train)
-    train_loss = runner.train(ctx.client, rnd, ctx.train, payload.lr_multipliers)
+        received = runner.evaluate(ctx.test, ctx.train, hooks)
+    train_loss = runner.train(ctx.client, rnd, ctx.train, payload.lr_multipliers, hooks)
     trained = runner.trained_state()
     adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
     head = {k: v for k, v in trained.items() if is_head_key(k)}
@@ -282,11 +301,11 @@ def client_round(
     }
     result = None
     if evaluate and ctx.personalized in ("trained", "both"):
-        result = runner.evaluate(ctx.test, reference=ctx.train)
+        result = runner.evaluate(ctx.test, ctx.train, hooks)
         row.update(eval_fields(result))
     if received is not None:
         row.update(eval_fields(received, RECEIVED))
-    metrics: dict[str, float] = {"train_loss": train_loss}
+    metrics: dict[str, float] = {"train_loss": train_loss, **hooks.report(trained)}
     # The test-time slot weights depend on the frozen embeddings only: both protocols see the same.
     scored = result if result is not None else received
     if scored is not None:

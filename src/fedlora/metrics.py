@@ -29,16 +29,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from fedlora.algorithms.base import LAMBDA_REPORT
 from fedlora.checkpoint import write_atomic
 from fedlora.errors import FedLoraError
-from fedlora.lora import MIX_SLOT, parse_key
 from fedlora.tasks import EvalResult, group_means, pool_groups
 
 if TYPE_CHECKING:
@@ -206,14 +205,14 @@ def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if r.get("client") is None]
 
 
-def client_lambdas(private: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[str, dict[str, float]]:
-    """``sigmoid(theta)`` of every private mixing scalar, per client and module prefix."""
+def client_lambdas(reported: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """The mixing weights clients reported (``lambda/<module>`` in their update metrics),
+    per client and module prefix: each client's latest report."""
     out: dict[str, dict[str, float]] = {}
-    for client, tensors in private:
-        for key, value in tensors.items():
-            if key.endswith(f".{MIX_SLOT}.theta"):
-                module = parse_key(key).module_id.prefix()
-                out.setdefault(str(client), {})[module] = float(torch.sigmoid(value))
+    for client, metrics in sorted(reported.items()):
+        for key, value in metrics.items():
+            if key.startswith(LAMBDA_REPORT):
+                out.setdefault(str(client), {})[key.removeprefix(LAMBDA_REPORT)] = float(value)
     return out
 
 
@@ -223,7 +222,7 @@ def summarize(
     rows: Sequence[Mapping[str, Any]],
     wall_seconds: float,
     trainable_params: int,
-    private: Iterable[tuple[int, Mapping[str, torch.Tensor]]] = (),
+    reported: Mapping[int, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """``summary.json``: the run's identity, final and best rows, totals and structure.
 
@@ -232,13 +231,14 @@ def summarize(
     best before it ("received"); either is None when its protocol was not run. ``final``
     holds both protocols' keys (``personalized_*`` and ``personalized_*_received``).
 
-    ``private`` is the clients' private state; learnable mixing scalars found there go into
-    ``structure["lambdas"]`` (per client and module), since the server never sees them.
+    ``reported`` holds each client's latest reported metrics; the mixing weights among them
+    (``lambda/<module>``, see :class:`~fedlora.algorithms.base.ReportLambdas`) go into
+    ``structure["lambdas"]`` per client and module: the server never sees theta itself.
     """
     agg = aggregate_rows(rows)
     total_params = fed.lora_model.base_param_count() + trainable_params
     structure = fed.algorithm.structure()
-    lambdas = client_lambdas(private)
+    lambdas = client_lambdas(reported or {})
     if lambdas:
         structure = {**structure, "lambdas": lambdas}
     return {

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
-from fedlora.algorithms.base import Tensors
+from fedlora.algorithms.base import LAMBDA_REPORT, Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
 from fedlora.client import ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
 from fedlora.config import Config
@@ -101,15 +101,18 @@ class Federation:
         """What client ``cid`` needs for a round: the shared runner and its own split."""
         split = self.splits[cid]
         return ClientContext(
-            cid, self.runner, split.train, split.test, self.config.model.head, self.config.eval.personalized
+            cid,
+            self.runner,
+            split.train,
+            split.test,
+            self.config.model.head,
+            self.config.eval.personalized,
+            self.algorithm.client_hooks,
         )
 
 
-def build_federation(config: Config) -> Federation:
-    """Load data and model, partition, tokenize once, and build the algorithm."""
-    algorithm_cls = get_algorithm(config.algorithm_name)
-    options = parse_options(algorithm_cls, config.algorithm_options)
-    dataset = load_dataset(config.data.dataset)
+def client_splits(config: Config, dataset: TextDataset) -> list[ClientSplit]:
+    """Partition a data set into the config's clients and split each into train and test."""
     d = config.data
     if d.num_clients > len(dataset.texts):
         raise FedLoraError(
@@ -137,20 +140,47 @@ def build_federation(config: Config) -> Federation:
         raise FedLoraError(
             f"clients {empty[:5]} have no training examples; use fewer clients or a larger min_partition_size"
         )
+    return splits
+
+
+def load_lora_model(
+    config: Config, dataset: TextDataset, num_labels: int | None = None
+) -> tuple[LoadedModel, LoraModel]:
+    """The config's model for ``dataset``'s task (``num_labels`` classes, by default the data
+    set's), with its seeded head and LoRA injected in the target modules."""
     task = task_for(dataset)
     if task == "causal_lm" and config.model.head != "frozen":
         raise FedLoraError(
             f"model.head = {config.model.head!r} applies to classification; {dataset.name} trains a causal LM "
             "(no classification head): leave model.head = 'frozen'"
         )
-    num_labels = len(dataset.label_names) if task == "classification" else None
+    num_labels = (num_labels or len(dataset.label_names)) if task == "classification" else None
     loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
-    lora_model = LoraModel(loaded.model, targets, loaded.head_module)
+    return loaded, LoraModel(loaded.model, targets, loaded.head_module)
+
+
+def make_runner(
+    config: Config, dataset: TextDataset, rows: np.ndarray, loaded: LoadedModel, lora_model: LoraModel
+) -> ClientRunner:
+    """A runner over ``dataset``'s ``rows`` (tokenized once; corpus row ``i`` is ``rows[i]``)."""
+    objective = build_objective(dataset, rows, loaded.tokenizer, config)
+    head_init = lora_model.head_state()
+    trainable = HeadPolicy(config.model.head, head_init).trainable
+    return ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, trainable)
+
+
+def build_federation(config: Config) -> Federation:
+    """Load data and model, partition, tokenize once, and build the algorithm."""
+    algorithm_cls = get_algorithm(config.algorithm_name)
+    options = parse_options(algorithm_cls, config.algorithm_options)
+    dataset = load_dataset(config.data.dataset)
+    splits = client_splits(config, dataset)
+    loaded, lora_model = load_lora_model(config, dataset)
     # Tokenize once, and only the examples some client uses (caps can leave most out).
     used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
     splits = [ClientSplit(np.searchsorted(used, s.train), np.searchsorted(used, s.test)) for s in splits]
-    objective = build_objective(dataset, used, loaded.tokenizer, config)
+    runner = make_runner(config, dataset, used, loaded, lora_model)
     client_ids = list(range(len(splits)))
     ctx = FederationContext(
         client_ids=client_ids,
@@ -163,10 +193,10 @@ def build_federation(config: Config) -> Federation:
         rounds=config.run.rounds,
     )
     algorithm = algorithm_cls(ctx, options)
-    head_init = lora_model.head_state()
-    head = HeadPolicy(config.model.head, head_init)
-    runner = ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, head.trainable)
-    return Federation(config, dataset, used, splits, loaded, lora_model, objective.corpus, ctx, algorithm, head, runner)
+    head = HeadPolicy(config.model.head, runner.head_init)
+    return Federation(
+        config, dataset, used, splits, loaded, lora_model, runner.objective.corpus, ctx, algorithm, head, runner
+    )
 
 
 @dataclass
@@ -211,6 +241,8 @@ class Simulation:
         self.elapsed = 0.0
         self.trainable_params = 0
         self.restored_from: Path | None = None
+        #: Each client's latest reported mixing weights (``lambda/<module>`` update metrics).
+        self.reported: dict[int, dict[str, float]] = {}
 
     # --- one round --------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -238,6 +270,9 @@ class Simulation:
         for cid, outcome in outcomes.items():
             self.store.put(cid, outcome.private, rnd)
             self.trainable_params = max(self.trainable_params, outcome.trainable_params)
+            lambdas = {k: v for k, v in outcome.update.metrics.items() if k.startswith(LAMBDA_REPORT)}
+            if lambdas:
+                self.reported[cid] = lambdas
         uploads = {cid: {**o.update.tensors, **o.head_upload} for cid, o in outcomes.items()}
         scales: dict[int, float] = {}
         if cfg.federation.clip_update_norm > 0:
@@ -379,6 +414,7 @@ class Simulation:
             "elapsed": self.elapsed,
             "trainable_params": self.trainable_params,
             "algorithm_meta": meta,
+            "reported": {str(c): r for c, r in self.reported.items()},
         }
         files = {
             "algorithm.safetensors": save_tensors({k: v.contiguous() for k, v in tensors.items()}),
@@ -414,6 +450,7 @@ class Simulation:
         self.next_round = int(state["next_round"])
         self.elapsed = float(state["elapsed"])
         self.trainable_params = int(state["trainable_params"])
+        self.reported = {int(c): dict(r) for c, r in state.get("reported", {}).items()}
         self.restored_from = path
 
     def resume(self, *, last_good: bool = False) -> None:
@@ -437,7 +474,7 @@ class Simulation:
         for rnd in range(self.next_round, self.config.run.rounds):
             self.run_round(rnd)
         summary = summarize(
-            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.items()
+            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.reported
         )
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -11,8 +11,8 @@ import pkgutil
 
 from fedlora.algorithms.base import (
     Algorithm,
+    ClientHooks,
     FederationContext,
-    InstanceWeighting,
     Options,
     Payload,
     Update,
@@ -29,8 +29,8 @@ for _info in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Algorithm",
+    "ClientHooks",
     "FederationContext",
-    "InstanceWeighting",
     "Options",
     "Payload",
     "Update",

@@ -128,7 +128,9 @@ class FlowerRun(Simulation):
                 log.warning("round %d: client %d has no node; left out", rnd, cid)
                 outcomes[cid] = ClientFailure("NoNode", "no Flower node serves this client")
                 continue
-            content = train_content(self.config_toml, rnd, cid, payload, head_payload, evaluate)
+            content = train_content(
+                self.config_toml, rnd, cid, payload, head_payload, evaluate, self.fed.dataset.label_names
+            )
             down = payload.wire_bytes
             if down is None:
                 down = record_bytes(content.array_records["payload"])

@@ -3,10 +3,12 @@
 A train message holds three records:
 
 ``fedlora``
-    A ConfigRecord: the run config (TOML text; the client builds the same federation
-    from it), the round, the fedlora client id, whether to evaluate, and the payload's
-    layout (``Layout.to_json``), upload patterns, ``wire_bytes``, learning-rate multipliers and the test-time
-    instance weighting (its fedlora class and fields) as JSON strings.
+    A ConfigRecord: the run config (TOML text; the client builds its own context from
+    it and its node's data), the federation's class names, the round, the fedlora client
+    id, whether to evaluate, and the payload's layout (``Layout.to_json``), upload
+    patterns, ``wire_bytes``, learning-rate multipliers and the client instruction
+    (whatever it holds: plain JSON values; the client's hooks class comes from its own
+    registry by the config's algorithm name, never from the message) as JSON strings.
 ``payload``
     An ArrayRecord: the payload's tensors.
 ``head``
@@ -22,9 +24,9 @@ records (fp32 data, no framing), the same measure the simulator uses.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +35,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.algorithms import Payload, Update
-from fedlora.algorithms.base import InstanceWeighting, Tensors
+from fedlora.algorithms.base import Tensors
 from fedlora.client import ClientOutcome
-from fedlora.errors import FedLoraError
 from fedlora.lora import Layout
 from fedlora.tasks import EvalResult
 
@@ -85,32 +86,18 @@ class TrainInstruction:
     evaluate: bool
     payload: Payload
     head: Tensors
-
-
-def weighting_to_json(weighting: InstanceWeighting | None) -> dict[str, Any] | None:
-    """A payload's test-time weighting as its class path and fields (JSON values)."""
-    if weighting is None:
-        return None
-    cls = type(weighting)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": vars(weighting)}
-
-
-def weighting_from_json(data: dict[str, Any] | None) -> InstanceWeighting | None:
-    """Rebuild a weighting; only :class:`InstanceWeighting` subclasses inside fedlora are accepted."""
-    if data is None:
-        return None
-    module_name, _, qualname = str(data["class"]).partition(":")
-    if not module_name.startswith("fedlora."):
-        raise FedLoraError(f"instance weighting {data['class']!r} is not a fedlora class; refused")
-    cls = getattr(importlib.import_module(module_name), qualname, None)
-    if not (isinstance(cls, type) and issubclass(cls, InstanceWeighting)):
-        raise FedLoraError(f"{data['class']!r} is not an InstanceWeighting; refused")
-    weighting: InstanceWeighting = cls(**data["fields"])
-    return weighting
+    #: The federation's class names (a node maps the labels of its own data file onto them).
+    label_names: list[str]
 
 
 def train_content(
-    config_toml: str, rnd: int, client: int, payload: Payload, head: Tensors, evaluate: bool
+    config_toml: str,
+    rnd: int,
+    client: int,
+    payload: Payload,
+    head: Tensors,
+    evaluate: bool,
+    label_names: Sequence[str] = (),
 ) -> RecordDict:
     """The train message for one client."""
     meta = ConfigRecord(
@@ -122,8 +109,9 @@ def train_content(
             "layout": json.dumps(payload.layout.to_json()),
             "upload": json.dumps(list(payload.upload)),
             "wire_bytes": json.dumps(payload.wire_bytes),
-            "instance_weighting": json.dumps(weighting_to_json(payload.instance_weighting)),
+            "instruction": json.dumps(payload.instruction),
             "lr_multipliers": json.dumps(payload.lr_multipliers),
+            "label_names": json.dumps(list(label_names)),
         }
     )
     return RecordDict({"fedlora": meta, "payload": to_record(payload.tensors), "head": to_record(head)})
@@ -136,7 +124,7 @@ def read_train(content: RecordDict) -> TrainInstruction:
         tensors=from_record(content.array_records["payload"]),
         upload=tuple(json.loads(str(meta["upload"]))),
         wire_bytes=json.loads(str(meta["wire_bytes"])),
-        instance_weighting=weighting_from_json(json.loads(str(meta["instance_weighting"]))),
+        instruction=json.loads(str(meta["instruction"])),
         lr_multipliers={str(k): float(v) for k, v in json.loads(str(meta["lr_multipliers"])).items()},
     )
     return TrainInstruction(
@@ -146,6 +134,7 @@ def read_train(content: RecordDict) -> TrainInstruction:
         evaluate=bool(meta["evaluate"]),
         payload=payload,
         head=from_record(content.array_records["head"]),
+        label_names=[str(name) for name in json.loads(str(meta["label_names"]))],
     )
 
 
