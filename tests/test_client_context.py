@@ -127,3 +127,15 @@ def test_an_extra_loss_hook_changes_what_is_minimised_not_the_reported_loss() ->
         if key.endswith(".A"):
             assert torch.equal(plain.update.tensors[key], start)
             assert_close(pulled.update.tensors[key], start - 0.01 * torch.sign(start), rtol=0, atol=1e-6)
+
+
+def test_one_byte_accounting() -> None:
+    from fedlora.lora import Layout
+    from fedlora.traffic import bytes_down, bytes_up
+
+    tensors = {"layers.0.query.lora.A": torch.zeros(2, 3)}  # 6 floats
+    head = {"head.bias": torch.zeros(2)}
+    assert bytes_down(Payload(Layout({}), tensors), head) == (6 + 2) * 4
+    assert bytes_down(Payload(Layout({}), tensors, upload=()), head) == 6 * 4  # no upload: no head sent
+    assert bytes_down(Payload(Layout({}), tensors, wire_bytes=10), head) == 10 + 2 * 4  # a model of the wire
+    assert bytes_up(tensors, head) == (6 + 2) * 4 and bytes_up({}, {}) == 0

@@ -17,7 +17,8 @@ from fedlora.client import ClientOutcome
 from fedlora.config import load_config
 from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
-from fedlora.flower.wire import from_record, read_reply, record_bytes, reply_content, to_record
+from fedlora.flower.wire import from_record, read_reply, reply_content, to_record
+from fedlora.lora import num_bytes
 from fedlora.tasks import EvalResult
 
 ROOT = Path(__file__).parent.parent
@@ -49,13 +50,13 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert b == a, where
 
 
-def test_records_are_exact_and_counted_without_framing() -> None:
+def test_records_are_exact() -> None:
     tensors = {"layers.0.query.lora.A": torch.randn(4, 32), "head.bias": torch.tensor([0.5, -1.0])}
     record = to_record(tensors)
     back = from_record(record)
     for key, value in tensors.items():
         assert torch.equal(back[key], value)
-    assert record_bytes(record) == (4 * 32 + 2) * 4
+    assert num_bytes(back) == (4 * 32 + 2) * 4
 
 
 def test_a_reply_carries_the_whole_evaluation() -> None:
@@ -77,7 +78,7 @@ def test_a_reply_carries_the_whole_evaluation() -> None:
     assert back.result == result and back.received == received
     assert back.private == {} and back.trainable_params == 6
     assert back.update.num_examples == 7 and back.update.metrics == {"train_loss": 0.5}
-    assert back.row == {**row, "bytes_up": 2 * 3 * 4}
+    assert back.row == row  # the server counts the bytes (fedlora.traffic), as in the simulator
 
 
 def test_a_payload_crosses_the_wire_with_its_lr_multipliers() -> None:
@@ -115,7 +116,7 @@ def test_the_instruction_crosses_the_wire_as_plain_values() -> None:
 ALGORITHMS = sorted(registry())
 #: Per algorithm, what makes two rounds exercise it: clustering after one warmup round, mixed ranks.
 EXTRA = {
-    "fedlease": ["algorithm.warmup=1"],
+    "fedlease": ["algorithm.warmup_rounds=1"],
     # fixed_k = 2: every layer splits the 3 clients, so every module mixes two experts by a lambda.
     "fedtreelora": ["algorithm.warmup_rounds=1", "algorithm.fixed_k=2"],
     **{name: ["model.ranks=[2,4]"] for name in ("zeropad", "hetlora", "flexlora", "flora", "fedhl")},

@@ -26,7 +26,7 @@ import torch
 from fedlora.algorithms.base import ClientHooks, Payload, Tensors, Update
 from fedlora.config import TrainConfig
 from fedlora.heads import is_head_key
-from fedlora.lora import LoraModel, init_state, num_bytes
+from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import RECEIVED
 from fedlora.tasks import EvalResult, Objective
 
@@ -275,7 +275,8 @@ def client_round(
     payload's learning-rate multipliers, splits what it trained into upload and private
     state (adapters by the payload's upload patterns, the head by the head policy), and
     scores the trained model ("trained" or "both"). Nothing is scored in a round that is
-    not evaluated. The update carries the client's own example count.
+    not evaluated. The update carries the client's own example count. The row's byte
+    counts are the server's to add (:mod:`fedlora.traffic`).
     """
     runner = ctx.runner
     hooks = ctx.hooks(payload.instruction)
@@ -295,8 +296,6 @@ def client_round(
         "client": ctx.client,
         "split": "test",
         "train_loss": train_loss,
-        "bytes_up": num_bytes(upload) + num_bytes(head_upload),
-        "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
         "n_train": len(ctx.train),
     }
     result = None

@@ -34,6 +34,7 @@ from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
+from fedlora.traffic import bytes_down, bytes_up
 from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
 
 CHECKPOINTS = "checkpoints"
@@ -374,6 +375,8 @@ class Simulation:
                     }
                 )
                 continue
+            result.row["bytes_up"] = bytes_up(result.update.tensors, result.head_upload)
+            result.row["bytes_down"] = bytes_down(payload, head_payload)
             outcomes[cid] = result
             if self.config.federation.clip_update_norm > 0:
                 references[cid] = self._reference(result, payload, self.store.get(cid), head_payload)

@@ -20,6 +20,7 @@ from fedlora.algorithms.base import (
     parse_options,
     register,
     registry,
+    unregister,
     weighted_mean,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "parse_options",
     "register",
     "registry",
+    "unregister",
     "weighted_mean",
 ]

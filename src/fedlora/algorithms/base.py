@@ -173,6 +173,9 @@ class Update:
 class Options:
     """Base of every algorithm's options dataclass (fields = the ``[algorithm]`` keys)."""
 
+    #: Former option names -> their current names (refused with a message naming the new key).
+    renamed: ClassVar[dict[str, str]] = {"warmup": "warmup_rounds"}
+
 
 @dataclass
 class WeightingOptions(Options):
@@ -302,6 +305,11 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove an algorithm from the registry (a plug-in or a test double that must not outlive its use)."""
+    _REGISTRY.pop(name, None)
+
+
 def registry() -> dict[str, type[Algorithm]]:
     return dict(sorted(_REGISTRY.items()))
 
@@ -316,6 +324,9 @@ def get_algorithm(name: str) -> type[Algorithm]:
 def parse_options(cls: type[Algorithm], raw: Mapping[str, Any]) -> Options:
     """Build ``cls.options_class`` from the ``[algorithm]`` table, with clear errors."""
     fields = {f.name: f for f in dataclasses.fields(cls.options_class)}
+    for old, new in cls.options_class.renamed.items():
+        if old in raw and old not in fields and new in fields:
+            raise FedLoraError(f"algorithm.{old} is now called algorithm.{new} (same meaning): rename the key")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"

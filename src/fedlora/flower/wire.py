@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,11 +68,6 @@ def to_record(tensors: Tensors) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> Tensors:
     """An ArrayRecord back to tensors (writable copies)."""
     return {key: torch.from_numpy(np.array(array.numpy())) for key, array in record.items()}
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the tensor data in a record: elements x item size, no serialization header."""
-    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
 
 
 @dataclass
@@ -159,14 +153,12 @@ def reply_content(outcome: ClientOutcome) -> RecordDict:
 def read_reply(content: RecordDict) -> ClientOutcome:
     """A client's reply as the server's :class:`ClientOutcome` (no private state: it stayed there).
 
-    The row's byte counts are replaced by what the reply's records hold (``bytes_up``);
-    the caller sets ``bytes_down`` from what it sent.
-    """
+    The server counts the round's bytes from the tensors (:mod:`fedlora.traffic`), as the
+    simulator does."""
     meta = content.config_records["outcome"]
     update_record = content.array_records["update"]
     head_record = content.array_records["head"]
     row: dict[str, Any] = json.loads(str(meta["row"]))
-    row["bytes_up"] = record_bytes(update_record) + record_bytes(head_record)
     result = json.loads(str(meta["eval"]))
     received = json.loads(str(meta["eval_received"]))
     return ClientOutcome(
