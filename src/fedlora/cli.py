@@ -279,7 +279,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table, data = comparison_table(summaries)
     header = (
         f"# Comparison: {base.data.dataset}, {base.model.name}, {base.data.num_clients} clients, "
-        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several).\n\n"
+        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several). "
+        "Personalized scores by protocol: *trained* = each client after its local training, *received* = "
+        "each client on the model it was sent, before training (eval.personalized).\n\n"
     )
     (out / "comparison.md").write_text(header + table)
     (out / "comparison.json").write_text(json.dumps(data, indent=2))
