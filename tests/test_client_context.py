@@ -69,7 +69,7 @@ def test_the_server_weights_by_the_counts_clients_report(tmp_path: Path) -> None
 def test_lr_multipliers_travel_with_the_payload() -> None:
     ctx = make_ctx({0: 5, 1: 5})
     cls = get_algorithm("fedtreelora")
-    algorithm = cls(ctx, parse_options(cls, {"lambda_lr_mult": 7.0}))
+    algorithm = cls(ctx, parse_options(cls, {"lambda_lr": 0.0, "lambda_lr_mult": 7.0}))
     for payload in algorithm.payloads(0, [0, 1]).values():
         assert payload.lr_multipliers == dict(algorithm.lr_multipliers)
         assert 7.0 in payload.lr_multipliers.values()
