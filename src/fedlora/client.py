@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from fedlora.accel import autocast, grad_scaler
 from fedlora.algorithms.base import Payload, Tensors
 from fedlora.config import TrainConfig
 from fedlora.lora import LoraModel, init_state
@@ -127,12 +128,16 @@ class ClientRunner:
         torch.manual_seed(seed)
         model = self.lora_model.model
         model.train()
+        device = self.objective.device
+        scaler = grad_scaler(device, cfg.precision)  # fp16 only; passes through otherwise
         losses: list[float] = []
         for batch_idx in self.batches(indices, seed):
-            loss = self.objective.train_loss(model, batch_idx)
+            with autocast(device, cfg.precision):
+                loss = self.objective.train_loss(model, batch_idx)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
         model.eval()
         return float(np.mean(losses)) if losses else float("nan")
@@ -181,7 +186,8 @@ class ClientRunner:
 
         self.lora_model.model.eval()
         try:
-            result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
+            with autocast(self.objective.device, self.train_config.precision):
+                result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
         finally:
             self.lora_model.set_instance_weights(None)
         result.slot_weight_sums = weight_sums

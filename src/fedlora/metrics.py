@@ -6,7 +6,11 @@ hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
 ``global_acc``/``global_loss`` (null where the algorithm has no global model),
 ``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds``, ``clients`` (those whose
 update was aggregated), ``failures`` (``{"round", "client", "attempt", "error",
-"message"}`` per dropped client) and ``clipped`` (``{"client", "scale"}``).
+"message"}`` per dropped client), ``clipped`` (``{"client", "scale"}``), and the round's
+peak memory: ``peak_rss_bytes`` (the process's resident set) and ``peak_accel_bytes``
+(allocated CUDA memory; null on the CPU). ``summary.json`` adds ``device``,
+``precision``, ``quantization`` and the run's largest ``peak_rss_bytes`` /
+``peak_accel_bytes``.
 
 Generation (causal LM) runs score by ROUGE-1 F1, reported in the ``acc`` fields
 (``personalized_acc_mean`` is the mean ROUGE-1 over clients). Their client rows add the
@@ -120,12 +124,14 @@ def round_aggregate(
     seconds: float,
     failures: Sequence[Mapping[str, Any]] = (),
     clipped: Mapping[int, float] | None = None,
+    memory: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """The ``client: null`` row of a round.
 
     ``failures`` lists the clients whose update was dropped (an exception, or an update
     rejected by validation); ``clipped`` maps clients whose update norm was clipped to the
-    scale applied.
+    scale applied; ``memory`` holds the round's ``peak_rss_bytes`` and ``peak_accel_bytes``
+    (see :class:`fedlora.accel.MemoryMeter`).
     """
     row: dict[str, Any] = {
         "round": rnd,
@@ -144,6 +150,8 @@ def round_aggregate(
         "global_loss": global_result.loss if global_result else None,
         "failures": [dict(f) for f in failures],
         "clipped": [{"client": c, "scale": s} for c, s in sorted((clipped or {}).items())],
+        "peak_rss_bytes": (memory or {}).get("peak_rss_bytes"),
+        "peak_accel_bytes": (memory or {}).get("peak_accel_bytes"),
     }
     evaluated = [r for r in (results or {}).values() if r.n > 0]
     if evaluated:
@@ -220,4 +228,15 @@ def summarize(
         "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
         "structure": structure,
         "failures": [f for r in agg for f in r.get("failures", [])],
+        "device": str(fed.runner.objective.device),
+        "precision": config.train.precision,
+        "quantization": config.model.quantization,
+        "peak_rss_bytes": _peak(agg, "peak_rss_bytes"),
+        "peak_accel_bytes": _peak(agg, "peak_accel_bytes"),
     }
+
+
+def _peak(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The largest ``key`` over the rows that have it (None when none has)."""
+    values = [int(r[key]) for r in rows if r.get(key) is not None]
+    return max(values) if values else None

@@ -177,8 +177,9 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
     group_cols = "".join(f" {g} {label} (final) |" for g in group_names)
     lines = [
         f"| algorithm | personalized {label} (final) | personalized {label} (best) | best round "
-        f"| global {label} (final) |{group_cols} upload / round | download / round | trainable % | wall s |",
-        "|---|---|---|---|---|" + "---|" * len(group_names) + "---|---|---|---|",
+        f"| global {label} (final) |{group_cols} upload / round | download / round | trainable % | wall s "
+        "| peak RSS | peak accel. mem |",
+        "|---|---|---|---|---|" + "---|" * len(group_names) + "---|---|---|---|---|---|",
     ]
     data: dict[str, Any] = {}
     for algo, runs in summaries.items():
@@ -192,11 +193,13 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
         down = float(np.mean([s["bytes_down_total"] / r for s, r in zip(runs, rounds, strict=True)]))
         trainable = runs[0].get("trainable_percent")
         wall = float(np.mean([s["wall_seconds"] for s in runs]))
+        peak_rss = _largest([s.get("peak_rss_bytes") for s in runs])
+        peak_accel = _largest([s.get("peak_accel_bytes") for s in runs])
         lines.append(
             f"| {algo} | {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} "
             f"| {_mean_std(globals_)} |{''.join(f' {_mean_std(v)} |' for v in per_group.values())} "
             f"{_human_bytes(up)} | {_human_bytes(down)} "
-            f"| {trainable:.3f} | {wall:.0f} |"
+            f"| {trainable:.3f} | {wall:.0f} | {_human_bytes_or_na(peak_rss)} | {_human_bytes_or_na(peak_accel)} |"
         )
         data[algo] = {
             "seeds": [s["seed"] for s in runs],
@@ -208,10 +211,22 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
             "bytes_down_per_round": down,
             "trainable_percent": trainable,
             "wall_seconds": wall,
+            "peak_rss_bytes": peak_rss,
+            "peak_accel_bytes": peak_accel,
         }
         if group_names:
             data[algo]["personalized_groups_final"] = per_group
     return "\n".join(lines) + "\n", data
+
+
+def _largest(values: Sequence[int | None]) -> int | None:
+    """The largest known value (runs before memory was measured have none)."""
+    known = [int(v) for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _human_bytes_or_na(n: int | None) -> str:
+    return "n/a" if n is None else _human_bytes(n)
 
 
 def _human_bytes(n: float) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedlora.accel import MemoryMeter, prepare_model, resolve_device
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
@@ -137,13 +138,22 @@ def build_federation(config: Config) -> Federation:
             "(no classification head): leave model.head = 'frozen'"
         )
     num_labels = len(dataset.label_names) if task == "classification" else None
+    device = resolve_device(config.run.device)
     loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
-    lora_model = LoraModel(loaded.model, targets, loaded.head_module)
+    lora_model = prepare_model(
+        loaded,
+        targets,
+        device=device,
+        precision=config.train.precision,
+        quantization=config.model.quantization,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )
     # Tokenize once, and only the examples some client uses (caps can leave most out).
     used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
     splits = [ClientSplit(np.searchsorted(used, s.train), np.searchsorted(used, s.test)) for s in splits]
     objective = build_objective(dataset, used, loaded.tokenizer, config)
+    objective.device = device
     client_ids = list(range(len(splits)))
     ctx = FederationContext(
         client_ids=client_ids,
@@ -265,6 +275,7 @@ class Simulation:
         self.elapsed = 0.0
         self.trainable_params = 0
         self.restored_from: Path | None = None
+        self.memory = MemoryMeter(self.fed.runner.objective.device)
 
     # --- one round --------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -279,6 +290,7 @@ class Simulation:
         fed = self.fed
         cfg = self.config
         start = time.perf_counter()
+        self.memory.start()
         every = cfg.eval.every
         evaluate = every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg.run.rounds)
         failures: list[dict[str, Any]] = []
@@ -310,7 +322,14 @@ class Simulation:
         client_rows = [o.row for o in outcomes.values()]
         results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
         aggregate = round_aggregate(
-            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales
+            rnd,
+            client_rows,
+            results if evaluate else None,
+            global_result,
+            seconds,
+            failures,
+            scales,
+            self.memory.read(),
         )
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
