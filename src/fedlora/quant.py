@@ -16,7 +16,6 @@ is imported only when a run quantizes (``pip install fedlora[quant]``).
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Literal, cast
@@ -36,9 +35,6 @@ NF4_BLOCKSIZE = 64
 @functools.cache
 def _bitsandbytes() -> ModuleType:
     """``bitsandbytes.functional``, imported on first use."""
-    # Its CPU backend warns once that an optional hub-downloaded kernel is absent; the
-    # plain CPU path it falls back to is the one we use.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError as exc:
