@@ -280,3 +280,22 @@ def test_memory_figures_in_rows_summary_and_compare(tmp_path: Path) -> None:
     row = next(line for line in table.splitlines() if line.startswith("| fedit"))
     assert header.endswith("| peak RSS | peak accel. mem |")
     assert row.split("|")[-3].strip().endswith("MB")
+
+
+# --------------------------------------------------------------------------- accelerator suite
+
+
+def test_accelerator_suite_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accelerator_suite", ROOT / "benchmarks" / "accelerator_suite.py")
+    assert spec is not None and spec.loader is not None
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    assert suite.main(["--dry-run", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| fedtreelora | cpu | bf16 | none |" in printed
+    data = json.loads((tmp_path / "accelerator_suite.json").read_text())
+    assert data["dry_run"] and set(data["comparison"]) == {"local", "fedit", "fedtreelora"}
+    tree = data["summaries"]["fedtreelora"]
+    assert tree["rounds"] == 2 and tree["precision"] == "bf16" and tree["peak_rss_bytes"] > 0

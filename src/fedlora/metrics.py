@@ -43,6 +43,14 @@ if TYPE_CHECKING:
     from fedlora.simulation import Federation
 
 
+MEASUREMENTS = ("seconds", "peak_rss_bytes", "peak_accel_bytes")
+"""Fields of an aggregate row that measure the machine (time, memory): they differ between
+two runs that are otherwise bit-identical (a resumed run and a straight one, Flower and the
+simulator)."""
+SUMMARY_MEASUREMENTS = ("wall_seconds", "peak_rss_bytes", "peak_accel_bytes")
+"""The same for ``summary.json``."""
+
+
 def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 

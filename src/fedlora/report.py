@@ -199,7 +199,7 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
             f"| {algo} | {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} "
             f"| {_mean_std(globals_)} |{''.join(f' {_mean_std(v)} |' for v in per_group.values())} "
             f"{_human_bytes(up)} | {_human_bytes(down)} "
-            f"| {trainable:.3f} | {wall:.0f} | {_human_bytes_or_na(peak_rss)} | {_human_bytes_or_na(peak_accel)} |"
+            f"| {trainable:.3f} | {wall:.0f} | {format_bytes(peak_rss)} | {format_bytes(peak_accel)} |"
         )
         data[algo] = {
             "seeds": [s["seed"] for s in runs],
@@ -225,7 +225,8 @@ def _largest(values: Sequence[int | None]) -> int | None:
     return max(known) if known else None
 
 
-def _human_bytes_or_na(n: int | None) -> str:
+def format_bytes(n: int | None) -> str:
+    """``12.3 MB`` and the like; ``n/a`` for an unknown size."""
     return "n/a" if n is None else _human_bytes(n)
 
 
