@@ -262,6 +262,25 @@ def test_quantized_tiny_llama_trains_exports_and_merges(tmp_path: Path, scheme: 
     assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+def test_a_folding_algorithm_keeps_its_dense_update_beside_a_quantized_base(tmp_path: Path) -> None:
+    summary = _run(tmp_path, "fedex", "algorithm.name='fedex'", "model.quantization='int8'", "run.rounds=2")
+    assert np.isfinite(summary["final"]["global_acc"])
+    sim = Simulation(load_config(tmp_path / "fedex" / "config.toml"), tmp_path / "fedex")
+    sim.restore()
+    payload = sim.fed.algorithm.global_payload()
+    assert payload is not None
+    sim.fed.runner.load(payload, {}, sim.fed.head.payload())
+    module = sim.fed.lora_model.modules[sim.fed.lora_model.module_ids[0]]
+    assert isinstance(module.base, QuantizedLinear) and module.folded is not None
+    assert module.folded.abs().sum() > 0  # FedEx folded the residual of two rounds' averaging
+    x = torch.randn(2, module.in_features)
+    with torch.no_grad():
+        expected = module.base(x) + x @ module.folded.T + sum(
+            module._slot_out(x, spec) * spec.weight for spec in module.layout.slots
+        )
+        assert_close(module(x), expected)
+
+
 # --------------------------------------------------------------------------- memory figures
 
 
