@@ -271,11 +271,11 @@ def test_a_folding_algorithm_keeps_its_dense_update_beside_a_quantized_base(tmp_
     assert payload is not None
     sim.fed.runner.load(payload, {}, sim.fed.head.payload())
     module = sim.fed.lora_model.modules[sim.fed.lora_model.module_ids[0]]
-    assert isinstance(module.base, QuantizedLinear) and module.folded is not None
-    assert module.folded.abs().sum() > 0  # FedEx folded the residual of two rounds' averaging
+    assert isinstance(module.base, QuantizedLinear) and module.folded_update is not None
+    assert module.folded_update.abs().sum() > 0  # FedEx folded the residual of two rounds' averaging
     x = torch.randn(2, module.in_features)
     with torch.no_grad():
-        expected = module.base(x) + x @ module.folded.T + sum(
+        expected = module.base(x) + x @ module.folded_update.T + sum(
             module._slot_out(x, spec) * spec.weight for spec in module.layout.slots
         )
         assert_close(module(x), expected)

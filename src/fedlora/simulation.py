@@ -321,15 +321,9 @@ class Simulation:
         seconds = time.perf_counter() - start
         client_rows = [o.row for o in outcomes.values()]
         results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
+        memory = self.memory.read()
         aggregate = round_aggregate(
-            rnd,
-            client_rows,
-            results if evaluate else None,
-            global_result,
-            seconds,
-            failures,
-            scales,
-            self.memory.read(),
+            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, memory
         )
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
