@@ -13,6 +13,7 @@ import pytest
 from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
+from fedlora.metrics import MEASUREMENTS
 from fedlora.report import comparison_table
 from fedlora.simulation import Simulation
 
@@ -25,7 +26,8 @@ def _run(out: Path, *sets: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("seconds", None)
+        for key in MEASUREMENTS:
+            row.pop(key, None)
     return json.loads((out / "summary.json").read_text()), rows
 
 

@@ -15,10 +15,12 @@ from fedlora.algorithms import Update, registry
 from fedlora.cli import main
 from fedlora.client import ClientOutcome
 from fedlora.config import load_config
+from fedlora.errors import FedLoraError
 from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
 from fedlora.flower.wire import from_record, read_reply, reply_content, to_record
 from fedlora.lora import num_bytes
+from fedlora.metrics import MEASUREMENTS
 from fedlora.tasks import EvalResult
 
 ROOT = Path(__file__).parent.parent
@@ -30,7 +32,8 @@ TINY = ["data.num_clients=3", "model.head='federated'"]
 def rows(run_dir: Path) -> list[dict[str, Any]]:
     out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in out:
-        row.pop("seconds", None)
+        for key in MEASUREMENTS:
+            row.pop(key, None)
     return out
 
 
@@ -159,3 +162,27 @@ def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, 
         # A Flower run's checkpoints restore like the simulator's: the same model, scored per class.
         flower_eval, sim_eval = evaluate_run(flower_dir).to_json(), evaluate_run(sim_dir).to_json()
         assert {**flower_eval, "run_dir": ""} == {**sim_eval, "run_dir": ""}
+
+
+def test_gpu_share_is_refused_without_a_gpu_and_passed_to_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlora.flower import simulate as simulate_module
+
+    if not torch.cuda.is_available():
+        code = main(["flower", "simulate", str(SMOKE), "--out", str(tmp_path / "r"), "--gpus-per-client", "0.5"])
+        assert code == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    # With a GPU present, the share reaches Flower's backend config; a run left on the CPU is refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("flwr.simulation.run_simulation", lambda **kwargs: seen.update(kwargs))
+    cpu_config = load_config(SMOKE)
+    with pytest.raises(FedLoraError, match=r"run\.device"):
+        simulate_module.simulate([(cpu_config, tmp_path / "cpu")], gpus_per_client=0.25)
+    gpu_config = load_config(SMOKE, ["run.device='cuda'"])
+    with pytest.raises(FedLoraError, match="did not finish"):  # the stub runs nothing
+        simulate_module.simulate([(gpu_config, tmp_path / "gpu")], gpus_per_client=0.25)
+    assert seen["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    with pytest.raises(FedLoraError, match=r"\[0, 1\]"):
+        simulate_module.simulate([(gpu_config, tmp_path / "gpu")], gpus_per_client=2)

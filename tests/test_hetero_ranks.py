@@ -17,6 +17,7 @@ from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.lora import ModuleId, init_factors
+from fedlora.metrics import MEASUREMENTS
 from fedlora.simulation import resolve_ranks
 from helpers import make_ctx
 
@@ -360,7 +361,8 @@ MIXED = ["--set", "model.ranks=[2,4,8]", "--set", "federation.fraction=0.5", "--
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("seconds", None)
+        for key in MEASUREMENTS:
+            row.pop(key, None)
     return rows
 
 

@@ -85,7 +85,7 @@ def load_reports() -> Iterator[list[str]]:
 
 
 def test_catalog_lists_the_shipped_models() -> None:
-    assert {"tiny-bert", "tiny-llama", "minilm-l6", "smollm2-135m"} <= set(MODEL_CATALOG)
+    assert {"tiny-bert", "tiny-llama", "minilm-l6", "smollm2-135m", "mpnet-base"} <= set(MODEL_CATALOG)
     for description in MODEL_CATALOG.values():
         assert description and "\n" not in description
     assert "path:<dir>" in (models.__doc__ or "")
@@ -424,3 +424,64 @@ def test_smollm2_conversion_is_cached_and_sensible(
     with torch.no_grad():
         logits = cls.model(**batch).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- default targets, MPNet
+
+
+def _tiny_mpnet_dir(root: Path) -> Path:
+    """A random two-layer MPNet folder (config, weights, the MiniLM tokenizer): an MPNet-style local model."""
+    from transformers import MPNetConfig, MPNetForMaskedLM
+
+    tokenizer = load_tokenizer("minilm-l6")
+    config = MPNetConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    MPNetForMaskedLM(config).save_pretrained(str(root))
+    tokenizer.save_pretrained(str(root))
+    return root
+
+
+def test_default_targets_come_from_peft_then_known_namings(tmp_path: Path) -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    bert = load_model("tiny-bert", task="classification", num_labels=2)
+    assert bert.default_targets == tuple(peft_defaults["bert"]) == ("query", "value")
+    assert "mpnet" not in peft_defaults  # MPNet falls through to the known namings: q, v
+    mpnet = load_model(f"path:{_tiny_mpnet_dir(tmp_path / 'mpnet')}", task="classification", num_labels=2)
+    assert mpnet.default_targets == ("q", "v")
+
+
+def test_an_mpnet_style_model_trains_with_default_targets(tmp_path: Path) -> None:
+    from fedlora.cli import main
+
+    model_dir = _tiny_mpnet_dir(tmp_path / "mpnet")
+    out = tmp_path / "run"
+    smoke = str(Path(__file__).parent.parent / "configs" / "smoke.toml")
+    assert main(["run", smoke, "--out", str(out), "--quiet", "--set", f"model.name='path:{model_dir}'"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # 2 layers x (q, v), rank 4, hidden 32: A 4x32 + B 32x4 per module.
+    assert summary["trainable_params"] == 2 * 2 * 256
+    assert summary["final"]["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_mpnet_base_is_assembled_once_and_checksummed(shared_cache: Path) -> None:
+    loaded = load_model("mpnet-base", task="classification", num_labels=3)
+    assert loaded.default_targets == ("q", "v")
+    assert loaded.model.config.model_type == "mpnet" and loaded.model.config.num_hidden_layers == 12
+    assert 109_000_000 < sum(p.numel() for p in loaded.model.parameters()) < 110_000_000
+    entry = shared_cache / "mpnet-base"
+    assert sorted(p.name for p in entry.iterdir()) == sorted([*models._MPNET_FILES, "fedlora-cache.json"])
+    stamp = (entry / "model.safetensors").stat().st_mtime_ns
+    load_model("mpnet-base", task="classification", num_labels=3)
+    assert (entry / "model.safetensors").stat().st_mtime_ns == stamp
+    batch = loaded.tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert loaded.model(**batch).logits.shape == (2, 3)

@@ -27,7 +27,7 @@ from fedlora.checkpoint import checkpoint_problem, read_checkpoint, select_check
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
 from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
-from fedlora.metrics import MetricsLog, read_metrics
+from fedlora.metrics import MEASUREMENTS, SUMMARY_MEASUREMENTS, MetricsLog, read_metrics
 from fedlora.store import ClientStore
 from fedlora.validation import clip_to_median, expected_upload, update_problem
 
@@ -183,16 +183,19 @@ def broken_payloads() -> Iterator[None]:
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = read_metrics(run_dir / "metrics.jsonl")
     for row in rows:
-        row.pop("seconds", None)
+        for key in MEASUREMENTS:
+            row.pop(key, None)
     return rows
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
-    summary.pop("wall_seconds")
+    for key in SUMMARY_MEASUREMENTS:
+        summary.pop(key)
     for key in ("final", "best", "best_received"):
         row = summary[key]["row"] if key.startswith("best") else summary[key]
-        row.pop("seconds")
+        for measured in MEASUREMENTS:
+            row.pop(measured)
     return summary
 
 

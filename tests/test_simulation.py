@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fedlora.cli import main
+from fedlora.metrics import MEASUREMENTS
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -18,7 +19,8 @@ SMOKE = str(ROOT / "configs" / "smoke.toml")
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("seconds", None)
+        for key in MEASUREMENTS:
+            row.pop(key, None)
     return rows
 
 

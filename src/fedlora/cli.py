@@ -380,7 +380,7 @@ def cmd_flower_simulate(args: argparse.Namespace) -> int:
     config = _load(args)
     run_dir = _run_dir(config, args.out, suffix="_flower")
     _prepare_dir(run_dir, args.overwrite)
-    simulate([(config, run_dir)], cpus_per_client=args.cpus_per_client)
+    simulate([(config, run_dir)], cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     _print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
     return 0
 
@@ -471,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_sim = fl.add_parser("simulate", help="run a config through Flower's simulation engine (one SuperNode per client)")
     config_args(p_sim, required=True)
     p_sim.add_argument("--cpus-per-client", type=float, default=1.0, help="CPUs Ray reserves per ClientApp")
+    p_sim.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="share of a GPU Ray reserves per ClientApp (0.25: four per GPU); needs run.device 'cuda' or 'auto'",
+    )
     p_sim.set_defaults(func=cmd_flower_simulate)
     p_certs = fl.add_parser("certs", help="write a self-signed CA and SuperLink certificate (for trials and tests)")
     p_certs.add_argument("dir", help="directory to write ca.crt, ca.key, server.pem, server.key")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora.accel import autocast, grad_scaler
 from fedlora.algorithms.base import ClientHooks, Payload, Tensors, Update
 from fedlora.config import TrainConfig
 from fedlora.heads import is_head_key
@@ -152,13 +153,17 @@ class ClientRunner:
         torch.manual_seed(seed)
         model = self.lora_model.model
         model.train()
+        device = self.objective.device
+        scaler = grad_scaler(device, cfg.precision)  # fp16 only; passes through otherwise
         losses: list[float] = []
         for batch_idx in self.batches(indices, seed):
-            loss = self.objective.train_loss(model, batch_idx)
+            with autocast(device, cfg.precision):
+                loss = self.objective.train_loss(model, batch_idx)
             extra = hooks.extra_loss(live, start) if hooks is not None else None
             optimizer.zero_grad(set_to_none=True)
-            (loss if extra is None else loss + extra).backward()
-            optimizer.step()
+            scaler.scale(loss if extra is None else loss + extra).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
         model.eval()
         return float(np.mean(losses)) if losses else float("nan")
@@ -210,7 +215,8 @@ class ClientRunner:
 
         self.lora_model.model.eval()
         try:
-            result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
+            with autocast(self.objective.device, self.train_config.precision):
+                result = self.objective.evaluate(self.lora_model.model, idx, bs, before_batch)
         finally:
             self.lora_model.set_instance_weights(None)
         result.slot_weight_sums = weight_sums

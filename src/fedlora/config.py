@@ -9,6 +9,7 @@ against the algorithm's options class.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ class RunConfig:
     seed: int = 0
     rounds: int = 5
     out: str = "runs"
+    device: str = "cpu"
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ModelConfig:
     alpha: float = 16.0
     ranks: list[int] = field(default_factory=list)
     rank_assignment: str = "round_robin"
+    quantization: str = "none"
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 64
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -156,6 +161,10 @@ def validate(config: Config) -> None:
     """Range checks that need no model or data."""
     checks: list[tuple[bool, str]] = [
         (config.run.rounds >= 1, "run.rounds must be >= 1"),
+        (
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.run.device) is not None,
+            f"run.device = {config.run.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index) or 'mps'",
+        ),
         (config.model.rank >= 1, "model.rank must be >= 1"),
         (config.model.alpha > 0, "model.alpha must be > 0"),
         (all(r >= 1 for r in config.model.ranks), "model.ranks must all be >= 1"),
@@ -163,6 +172,11 @@ def validate(config: Config) -> None:
         (
             config.model.rank_assignment in ("list", "round_robin", "random"),
             "model.rank_assignment must be 'list', 'round_robin' or 'random'",
+        ),
+        (
+            config.model.quantization in ("none", "nf4", "int8"),
+            f"model.quantization = {config.model.quantization!r}: use 'none', 'nf4' (4-bit NormalFloat) or "
+            "'int8' (8-bit absmax) for the frozen base weights",
         ),
         (config.data.alpha > 0, f"data.alpha = {config.data.alpha}: the Dirichlet concentration must be > 0"),
         (config.data.num_clients >= 1, "data.num_clients must be >= 1"),
@@ -182,6 +196,10 @@ def validate(config: Config) -> None:
         ),
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+        (
+            config.train.precision in ("fp32", "bf16", "fp16"),
+            f"train.precision = {config.train.precision!r}: use 'fp32', 'bf16' or 'fp16'",
+        ),
         (config.train.lr > 0, "train.lr must be > 0"),
         (config.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 < config.federation.fraction <= 1, f"federation.fraction = {config.federation.fraction}: must be in (0, 1]"),

@@ -10,7 +10,9 @@ on top. The global model (``client=None``) is the algorithm's global payload.
   written as its best rank-``R`` approximation (truncated SVD): the way to export methods
   whose result is a dense update (FedHL, FlexLoRA, FLoRA) as a LoRA.
 - :func:`export_merged` writes the base model with every module's update merged into its
-  weights (``save_pretrained``), loadable by transformers without peft.
+  weights (``save_pretrained``), loadable by transformers without peft. It is fp32; for a
+  run in bf16/fp16 or on a quantized base, the base weights are the ones that run computed
+  with (rounded, dequantized), so the merged model reproduces the run's model.
 
 The classification head is saved too (``modules_to_save`` in the adapter, in the weights
 of the merged model), so an export reproduces the run's logits on a fresh base model.
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedlora.accel import as_trained_base
 from fedlora.client import HOOK_STATE
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
@@ -185,6 +188,7 @@ def export_merged(run_dir: Path, *, client: int | None, out_dir: Path) -> Path:
     config = load_config(run_dir / "config.toml")
     num_labels = _pretrained(loaded).config.num_labels if loaded.task == "classification" else None
     fresh = load_model(config.model.name, task=loaded.task, num_labels=num_labels, head_seed=config.run.seed)
+    as_trained_base(fresh.model, config.train.precision, config.model.quantization)
     with torch.no_grad():
         for mid, delta in updates.items():
             linear = fresh.model.get_submodule(lm.paths[mid])

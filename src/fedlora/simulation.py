@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from fedlora.accel import MemoryMeter, prepare_model, resolve_device
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import LAMBDA_REPORT, Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
@@ -158,7 +159,15 @@ def load_lora_model(
     num_labels = (num_labels or len(dataset.label_names)) if task == "classification" else None
     loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
-    return loaded, LoraModel(loaded.model, targets, loaded.head_module)
+    lora_model = prepare_model(
+        loaded,
+        targets,
+        device=resolve_device(config.run.device),
+        precision=config.train.precision,
+        quantization=config.model.quantization,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )
+    return loaded, lora_model
 
 
 def make_runner(
@@ -166,6 +175,7 @@ def make_runner(
 ) -> ClientRunner:
     """A runner over ``dataset``'s ``rows`` (tokenized once; corpus row ``i`` is ``rows[i]``)."""
     objective = build_objective(dataset, rows, loaded.tokenizer, config)
+    objective.device = resolve_device(config.run.device)
     head_init = lora_model.head_state()
     trainable = HeadPolicy(config.model.head, head_init).trainable
     return ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, trainable)
@@ -250,6 +260,7 @@ class Simulation:
         self.restored_from: Path | None = None
         #: Each client's latest reported mixing weights (``lambda/<module>`` update metrics).
         self.reported: dict[int, dict[str, float]] = {}
+        self.memory = MemoryMeter(self.fed.runner.objective.device)
 
     # --- one round --------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -264,6 +275,7 @@ class Simulation:
         fed = self.fed
         cfg = self.config
         start = time.perf_counter()
+        self.memory.start()
         every = cfg.eval.every
         evaluate = every > 0 and ((rnd + 1) % every == 0 or rnd + 1 == cfg.run.rounds)
         failures: list[dict[str, Any]] = []
@@ -303,8 +315,9 @@ class Simulation:
         client_rows = [o.row for o in outcomes.values()]
         results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
         received = {cid: o.received for cid, o in outcomes.items() if o.received is not None}
+        memory = self.memory.read()
         aggregate = round_aggregate(
-            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received
+            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received, memory
         )
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds

@@ -113,12 +113,19 @@ BatchHook = Callable[[np.ndarray], None]
 """Called with a batch's example indices before the model sees the batch."""
 
 
+def on_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (no copy where they already are)."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class Objective(Protocol):
     """A task's loss and evaluation over examples of the run's corpus (by row index)."""
 
     task: Task
     metric: str
     """Name of the score reported as ``acc`` (``accuracy`` or ``rouge1``)."""
+    device: torch.device
+    """Where its batches go: the model's device (``run.device``)."""
 
     @property
     def corpus(self) -> TokenizedCorpus | InstructCorpus:
@@ -151,19 +158,20 @@ class ClassificationObjective:
 
     def __init__(self, corpus: TokenizedCorpus) -> None:
         self._corpus = corpus
+        self.device = torch.device("cpu")
 
     @property
     def corpus(self) -> TokenizedCorpus:
         return self._corpus
 
     def train_loss(self, model: torch.nn.Module, indices: np.ndarray) -> torch.Tensor:
-        batch = self.corpus.batch(indices)
+        batch = on_device(self.corpus.batch(indices), self.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss: torch.Tensor = F.cross_entropy(logits, batch["labels"])
         return loss
 
     def inputs(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return self.corpus.batch(indices)
+        return on_device(self.corpus.batch(indices), self.device)
 
     def evaluate(
         self, model: torch.nn.Module, indices: np.ndarray, batch_size: int, before_batch: BatchHook | None = None
@@ -175,7 +183,7 @@ class ClassificationObjective:
             chunk = order[start : start + batch_size]
             if before_batch is not None:
                 before_batch(chunk)
-            batch = self.corpus.batch(chunk)
+            batch = on_device(self.corpus.batch(chunk), self.device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())

@@ -53,7 +53,7 @@ class ControlVariates(ClientHooks):
     def extra_loss(
         self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
     ) -> torch.Tensor | None:
-        terms = [((self.tensors[k] - self._ci(k)) * w).sum() for k, w in trained.items() if k in self.tensors]
+        terms = [((self.tensors[k] - self._ci(k)).to(w) * w).sum() for k, w in trained.items() if k in self.tensors]
         return torch.stack(terms).sum() if terms else None
 
     def finish(
