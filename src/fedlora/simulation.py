@@ -29,9 +29,10 @@ from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset
 from fedlora.errors import FedLoraError
 from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
-from fedlora.lora import LoraModel, init_state, num_bytes
+from fedlora.lora import LoraModel, num_bytes
 from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
+from fedlora.privacy import PrivacyEngine, reference_state
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
 from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
@@ -64,12 +65,17 @@ def sample_clients(config: Config, client_ids: Sequence[int], rnd: int, attempt:
         raise FedLoraError(
             f"federation.min_clients = {config.federation.min_clients} but the federation has {len(client_ids)} clients"
         )
-    m = max(config.federation.min_clients, round(config.federation.fraction * len(client_ids)))
-    if m >= len(client_ids):
+    m = clients_per_round(config, len(client_ids))
+    if m == len(client_ids):
         return list(client_ids)
     parts: tuple[object, ...] = (rnd, "sample") if attempt == 0 else (rnd, "sample", attempt)
     rng = np.random.default_rng(derive_seed(config.run.seed, *parts))
     return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=m, replace=False))
+
+
+def clients_per_round(config: Config, num_clients: int) -> int:
+    """How many clients a round samples: ``fraction`` of them, at least ``min_clients``, at most all."""
+    return min(num_clients, max(config.federation.min_clients, round(config.federation.fraction * num_clients)))
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Federation:
     algorithm: Algorithm
     head: HeadPolicy
     runner: ClientRunner
+    privacy: PrivacyEngine
     test_union: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,10 +163,21 @@ def build_federation(config: Config) -> Federation:
         rounds=config.run.rounds,
     )
     algorithm = algorithm_cls(ctx, options)
+    privacy = PrivacyEngine(
+        config.privacy,
+        len(client_ids),
+        clients_per_round(config, len(client_ids)),
+        config.run.rounds,
+        config.run.seed,
+        ctx.module_shapes,
+    )
+    privacy.check_weighting(config.algorithm_name, options)
     head_init = lora_model.head_state()
     head = HeadPolicy(config.model.head, head_init)
     runner = ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, head.trainable)
-    return Federation(config, dataset, used, splits, loaded, lora_model, objective.corpus, ctx, algorithm, head, runner)
+    return Federation(
+        config, dataset, used, splits, loaded, lora_model, objective.corpus, ctx, algorithm, head, runner, privacy
+    )
 
 
 @dataclass
@@ -212,6 +230,7 @@ def client_round(
     upload, new_private = payload.split(adapters)
     head_upload = head if fed.head.policy == "federated" and payload.upload else {}
     new_private.update({k: v for k, v in head.items() if k not in head_upload})
+    upload, head_upload = fed.privacy.client_upload(rnd, cid, payload, private, head_payload, upload, head_upload)
     row: dict[str, Any] = {
         "round": rnd,
         "client": cid,
@@ -296,6 +315,10 @@ class Simulation:
         scales: dict[int, float] = {}
         if cfg.federation.clip_update_norm > 0:
             uploads, scales = clip_to_median(uploads, references, cfg.federation.clip_update_norm)
+        privacy_row: dict[str, Any] = {}
+        if fed.privacy.enabled:
+            uploads, record = fed.privacy.process(rnd, uploads, references)
+            privacy_row = record.row()
         updates = {
             cid: Update(
                 {k: v for k, v in uploads[cid].items() if not is_head_key(k)}, o.update.num_examples, o.update.metrics
@@ -312,6 +335,7 @@ class Simulation:
         aggregate = round_aggregate(
             rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales
         )
+        aggregate.update(privacy_row)
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
         self.next_round = rnd + 1
@@ -390,17 +414,14 @@ class Simulation:
                 )
                 continue
             outcomes[cid] = result
-            if self.config.federation.clip_update_norm > 0:
+            if self.config.federation.clip_update_norm > 0 or self.fed.privacy.central:
                 references[cid] = self._reference(result, payload, self.store.get(cid), head_payload)
         return outcomes, references
 
     def _reference(self, outcome: ClientOutcome, payload: Payload, private: Tensors, head: Tensors) -> Tensors:
         """What a client's uploaded tensors started the round as (same order as ``ClientRunner.load``)."""
         uploaded = {**outcome.update.tensors, **outcome.head_upload}
-        start = {**private, **payload.tensors, **head}
-        if any(k not in start for k in uploaded):
-            start = {**init_state(payload.layout, self.fed.ctx.module_shapes, self.config.run.seed), **start}
-        return {k: start[k] for k in uploaded}
+        return reference_state(uploaded, payload, private, head, self.fed.ctx.module_shapes, self.config.run.seed)
 
     def _too_few_clients(self, rnd: int, failures: Sequence[Mapping[str, Any]]) -> str:
         fed_cfg = self.config.federation
@@ -429,6 +450,7 @@ class Simulation:
             "elapsed": self.elapsed,
             "trainable_params": self.trainable_params,
             "algorithm_meta": meta,
+            "privacy": self.fed.privacy.state_dict(),
         }
         files = {
             "algorithm.safetensors": save_tensors({k: v.contiguous() for k, v in tensors.items()}),
@@ -464,6 +486,8 @@ class Simulation:
         self.next_round = int(state["next_round"])
         self.elapsed = float(state["elapsed"])
         self.trainable_params = int(state["trainable_params"])
+        if "privacy" in state:
+            self.fed.privacy.load_state_dict(state["privacy"])
         self.restored_from = path
 
     def resume(self, *, last_good: bool = False) -> None:
@@ -489,5 +513,7 @@ class Simulation:
         summary = summarize(
             self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.items()
         )
+        if self.fed.privacy.enabled:
+            summary["privacy"] = self.fed.privacy.summary()
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary
