@@ -109,13 +109,30 @@ def overrides_for(algorithm: str) -> list[str]:
     return [*TINY, f"algorithm.name='{algorithm}'", *EXTRA.get(algorithm, [])]
 
 
+#: Differential privacy in both runtimes: the server's clipping and noise (with the adaptive
+#: bound) and each client's own noise.
+DP_RUNS = {
+    "fedit+central_dp": [
+        *overrides_for("fedit"),
+        "algorithm.weighting='uniform'",
+        "privacy.mode='central'",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip_norm=0.05",
+        "privacy.adaptive_clip=true",
+        "privacy.clipped_count_stddev=1.0",
+    ],
+    "fedsa+local_dp": [*overrides_for("fedsa"), "privacy.mode='local'", "privacy.target_epsilon=20.0"],
+}
+
+
 @pytest.fixture(scope="module")
 def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every registered algorithm through Flower's simulation engine, on one start of it."""
     root = tmp_path_factory.mktemp("flower")
-    runs = [(load_config(SMOKE, overrides_for(name)), root / name) for name in ALGORITHMS]
+    overrides = {**{name: overrides_for(name) for name in ALGORITHMS}, **DP_RUNS}
+    runs = [(load_config(SMOKE, o), root / name) for name, o in overrides.items()]
     simulate(runs, parallel=2)
-    return {name: root / name for name in ALGORITHMS}
+    return {name: root / name for name in overrides}
 
 
 @pytest.mark.slow
@@ -137,3 +154,20 @@ def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, 
         # A Flower run's checkpoints restore like the simulator's: the same model, scored per class.
         flower_eval, sim_eval = evaluate_run(flower_dir).to_json(), evaluate_run(sim_dir).to_json()
         assert {**flower_eval, "run_dir": ""} == {**sim_eval, "run_dir": ""}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DP_RUNS))
+def test_differential_privacy_is_the_same_in_both_runtimes(
+    tmp_path: Path, name: str, flower_runs: dict[str, Path]
+) -> None:
+    sim_dir = tmp_path / "sim"
+    overrides = [a for o in DP_RUNS[name] for a in ("--set", o)]
+    assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
+    sim_rows, flower_rows = rows(sim_dir), rows(flower_runs[name])
+    assert_same(sim_rows, flower_rows, "metrics")
+    aggregates = [r for r in flower_rows if r["client"] is None]
+    assert all(r["dp_epsilon"] > 0 for r in aggregates)
+    sim_summary = json.loads((sim_dir / "summary.json").read_text())
+    flower_summary = json.loads((flower_runs[name] / "summary.json").read_text())
+    assert_same(sim_summary["privacy"], flower_summary["privacy"], "privacy")

@@ -147,7 +147,9 @@ def test_engine_reports_epsilon_after_every_round_with_the_sampling_rate() -> No
     for rnd in range(4):
         _, record = eng.process(rnd, {0: {"x": torch.zeros(1)}}, {0: reference})
         assert record.epsilon == pytest.approx(epsilon(1.0, 0.3, rnd + 1, 1e-5))
-    assert eng.summary()["sample_rate"] == pytest.approx(0.3)
+    summary = eng.summary("fedit")
+    assert summary["sample_rate"] == pytest.approx(0.3) and summary["guarantee"].startswith("central")
+    assert eng.summary("fedtreelora")["guarantee"].startswith("nominal")
 
 
 def test_local_epsilon_is_the_most_taking_part_client_without_amplification() -> None:

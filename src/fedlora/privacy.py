@@ -54,6 +54,7 @@ from fedlora.errors import FedLoraError
 from fedlora.lora import ModuleId, init_state
 
 __all__ = [
+    "CENTRAL_DP_COVERED",
     "PrivacyEngine",
     "change_norm",
     "clip_change",
@@ -62,6 +63,13 @@ __all__ = [
     "noise_multiplier_for",
     "reference_state",
 ]
+
+
+#: Algorithms whose every release (what the server sends back) is a uniform mean over all the
+#: round's uploads, so that central mode's noise gives them the DP-FedAvg guarantee. The others
+#: release means over subsets (clusters, leave-one-out), products or stacks of the individual
+#: noised uploads: central mode runs, but its epsilon is nominal for them (docs/privacy.md).
+CENTRAL_DP_COVERED = frozenset({"fedit", "ffa", "fedsa", "sharedepth", "zeropad", "feddpa", "local"})
 
 
 def reference_state(
@@ -319,11 +327,23 @@ class PrivacyEngine:
         most = max(self.participation.values(), default=0)
         return epsilon(self.noise_multiplier, 1.0, most, self.config.delta)
 
-    def summary(self) -> dict[str, Any]:
+    def guarantee(self, algorithm_name: str) -> str:
+        """What the reported epsilon means for ``algorithm_name`` (the ``guarantee`` of ``summary.json``)."""
+        if self.config.mode == "local":
+            return "local: every upload is clipped and noised by its client; epsilon per client"
+        if algorithm_name in CENTRAL_DP_COVERED:
+            return "central: client-level DP of the released uniform mean (DP-FedAvg)"
+        return (
+            f"nominal: {algorithm_name} releases more than the uniform mean of all uploads (subset means, "
+            "products or stacks), which the central noise does not fully cover; see docs/privacy.md"
+        )
+
+    def summary(self, algorithm_name: str) -> dict[str, Any]:
         """The ``privacy`` entry of ``summary.json``."""
         cfg = self.config
         return {
             "mode": cfg.mode,
+            "guarantee": self.guarantee(algorithm_name),
             "epsilon": self.epsilon(),
             "delta": cfg.delta,
             "noise_multiplier": self.noise_multiplier,

@@ -514,6 +514,6 @@ class Simulation:
             self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.items()
         )
         if self.fed.privacy.enabled:
-            summary["privacy"] = self.fed.privacy.summary()
+            summary["privacy"] = self.fed.privacy.summary(self.config.algorithm_name)
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary
