@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class Deployment:
     root: Path
     env: dict[str, str]
     link_port: int
+    ca_cert: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> None:
@@ -99,9 +101,28 @@ class Deployment:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
+    def start_supernode(self, i: int, num_partitions: int, *extra: str) -> None:
+        """SuperNode ``supernode{i}`` serving fedlora client ``i``, over TLS to the SuperLink."""
+        self.start(
+            f"supernode{i}",
+            "flower-supernode",
+            "--root-certificates",
+            str(self.ca_cert),
+            "--superlink",
+            f"{HOST}:{self.link_port}",
+            "--host",
+            HOST,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"partition-id={i} num-partitions={num_partitions}",
+            *extra,
+        )
 
-@pytest.fixture
-def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
+
+@contextmanager
+def superlink(tmp_path: Path, cache_dir: Path, *extra: str) -> Iterator[Deployment]:
+    """A TLS SuperLink on loopback (``extra``: more of its flags); every process stopped at exit."""
     certs = make_certificates(tmp_path / "certs", hosts=[HOST, "localhost"])
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -116,11 +137,11 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FEDLORA_CACHE": str(shared_cache_dir),
+        "FEDLORA_CACHE": str(cache_dir),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    dep = Deployment(tmp_path, env, port)
+    dep = Deployment(tmp_path, env, port, certs.ca_cert)
     try:
         dep.start(
             "superlink",
@@ -136,26 +157,21 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
             "--port",
             str(port),
             "--disable-runtime-dependency-installation",
+            *extra,
         )
-        for i in range(2):
-            dep.start(
-                f"supernode{i}",
-                "flower-supernode",
-                "--root-certificates",
-                str(certs.ca_cert),
-                "--superlink",
-                f"{HOST}:{port}",
-                "--host",
-                HOST,
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"partition-id={i} num-partitions=2",
-            )
         yield dep
     finally:
         for proc in dep.procs.values():
             stop(proc)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
+    """The SuperLink and one SuperNode per client of a 2-client federation."""
+    with superlink(tmp_path, shared_cache_dir) as dep:
+        for i in range(2):
+            dep.start_supernode(i, 2)
+        yield dep
 
 
 def rows(path: Path) -> list[dict[str, object]]:
@@ -219,3 +235,67 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
+
+
+def ssh_key_pair(path: Path) -> tuple[Path, Path]:
+    """A P-384 key pair in OpenSSH format (what ``ssh-keygen -t ecdsa -b 384`` writes): (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = path, path.with_suffix(".pub")
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
+@pytest.mark.slow
+def test_node_authentication_refuses_an_unknown_node_and_admits_a_registered_one(
+    tmp_path: Path, shared_cache_dir: Path
+) -> None:
+    # docs/deploy.md, "Node authentication": keys registered through the Control API, the
+    # SuperLink started with --enable-supernode-auth, each SuperNode signing with its key.
+    with superlink(tmp_path, shared_cache_dir, "--enable-supernode-auth") as dep:
+        known_key, known_pub = ssh_key_pair(tmp_path / "known_key")
+        unknown_key, _ = ssh_key_pair(tmp_path / "unknown_key")
+        register = ["flwr", "supernode", "register", str(known_pub), "loopback", "--format", "json"]
+        node_ids: list[int] = []
+
+        def registered() -> bool:  # the Control API answers once the SuperLink is up
+            done = subprocess.run(
+                [str(BIN / register[0]), *register[1:]], cwd=dep.root, env=dep.env, capture_output=True
+            )
+            reply = json.loads(done.stdout or "{}")
+            node_ids.extend([int(reply["node-id"])] if reply.get("success") else [])
+            return bool(node_ids)
+
+        wait_until(registered, 120, lambda: dep.log("superlink")[-3000:])
+        dep.start_supernode(0, 2, "--auth-supernode-private-key", str(known_key))
+        dep.start_supernode(1, 2, "--auth-supernode-private-key", str(unknown_key))
+        wait_until(
+            lambda: "SuperNode ID" in dep.log("supernode0"),
+            180,
+            lambda: dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:],
+        )
+        # The known node runs under the id its key was registered with.
+        assert f"SuperNode ID: {node_ids[0]}" in dep.log("supernode0")
+        # The unknown node is refused: it gets no id and exits (Flower's exit code 305).
+        wait_until(lambda: dep.procs["supernode1"].poll() is not None, 120, lambda: dep.log("supernode1")[-3000:])
+        refused = dep.log("supernode1")
+        assert dep.procs["supernode1"].returncode != 0
+        assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused, refused[-3000:]
+        listed = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "loopback", "--format", "json"],
+            cwd=dep.root,
+            env=dep.env,
+            capture_output=True,
+            text=True,
+        )
+        nodes = json.loads(listed.stdout)["nodes"]
+        assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(node_ids[0], "online")]
+        assert dep.procs["supernode0"].poll() is None, dep.log("supernode0")[-3000:]
