@@ -88,6 +88,7 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     clipped_count_stddev: float = 0.0
+    secure_aggregation: bool = False
 
 
 @dataclass

@@ -273,7 +273,15 @@ class Simulation:
         ``(round, None)`` after each round, for progress bars.
     """
 
+    #: Whether this runtime can aggregate without seeing individual updates (Flower's SecAgg+ run).
+    secure_aggregation = False
+
     def __init__(self, config: Config, out_dir: Path, on_progress: ProgressHook | None = None) -> None:
+        if config.privacy.secure_aggregation and not self.secure_aggregation:
+            raise FedLoraError(
+                "privacy.secure_aggregation runs on Flower (SecAgg+ between separate nodes): use "
+                "'fedlora flower simulate' or a deployment; the simulator has no server to hide updates from"
+            )
         self.config = config
         self.out_dir = out_dir
         self.on_progress = on_progress

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedlora.config import Config, from_dict
 from fedlora.errors import FedLoraError
+from fedlora.flower.secagg import add_fit_result, client_weight, is_secure_round, secaggplus_when_asked
 from fedlora.flower.wire import QUERY_PARTITION, from_record, read_train, reply_content, to_record
 from fedlora.simulation import Federation, build_federation
 
@@ -52,7 +53,7 @@ def partition_id(context: Context) -> int:
     return int(value)
 
 
-app = ClientApp()
+app = ClientApp(mods=[secaggplus_when_asked])
 
 
 @app.query(QUERY_PARTITION.split(".", 1)[1])
@@ -76,4 +77,8 @@ def train(msg: Message, context: Context) -> Message:
     outcome = client_round(fed, work.rnd, me, work.payload, private, work.head, work.evaluate)
     state: ArrayRecord = to_record(outcome.private)
     context.state[key] = state
-    return Message(reply_content(outcome), reply_to=msg)
+    reply = reply_content(outcome)
+    if is_secure_round(msg.content):
+        weight = client_weight(getattr(fed.algorithm.options, "weighting", None), outcome.update.num_examples)
+        add_fit_result(reply, outcome, weight)
+    return Message(reply, reply_to=msg)
