@@ -87,6 +87,47 @@ class Deployment:
     ca_cert: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def start_node(self, i: int, node_config: str, *extra: str) -> None:
+        """SuperNode ``supernode{i}`` over TLS to the SuperLink (``extra``: more of its flags)."""
+        self.start(
+            f"supernode{i}",
+            "flower-supernode",
+            "--root-certificates",
+            str(self.ca_cert),
+            "--superlink",
+            f"{HOST}:{self.link_port}",
+            "--host",
+            HOST,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            *extra,
+        )
+
+    def start_nodes(self, node_configs: list[str]) -> None:
+        """One SuperNode per node config (``supernode0``, ``supernode1``, ...)."""
+        for i, node_config in enumerate(node_configs):
+            self.start_node(i, node_config)
+        wait_until(
+            lambda: all("SuperNode ID" in self.log(f"supernode{i}") for i in range(len(node_configs))),
+            180,
+            lambda: self.log("superlink")[-3000:] + self.log("supernode0")[-3000:],
+        )
+
+    def flwr_run(self, config: Path, out: Path) -> None:
+        """``flwr run`` of the fedlora app on this deployment (``--stream``: the ServerApp's log comes back)."""
+        self.start(
+            "flwr-run",
+            "flwr",
+            "run",
+            str(ROOT / "flower_app"),
+            "loopback",
+            "--stream",
+            "--run-config",
+            f"config='{config}' out='{out}' round-timeout=400.0 node-wait=120.0",
+        )
+
     def start(self, name: str, *args: str) -> None:
         log = (self.root / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen(
@@ -100,24 +141,6 @@ class Deployment:
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def start_supernode(self, i: int, num_partitions: int, *extra: str) -> None:
-        """SuperNode ``supernode{i}`` serving fedlora client ``i``, over TLS to the SuperLink."""
-        self.start(
-            f"supernode{i}",
-            "flower-supernode",
-            "--root-certificates",
-            str(self.ca_cert),
-            "--superlink",
-            f"{HOST}:{self.link_port}",
-            "--host",
-            HOST,
-            "--port",
-            str(free_port()),
-            "--node-config",
-            f"partition-id={i} num-partitions={num_partitions}",
-            *extra,
-        )
 
 
 @contextmanager
@@ -167,10 +190,8 @@ def superlink(tmp_path: Path, cache_dir: Path, *extra: str) -> Iterator[Deployme
 
 @pytest.fixture
 def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
-    """The SuperLink and one SuperNode per client of a 2-client federation."""
+    """A TLS SuperLink on loopback; the test starts the SuperNodes."""
     with superlink(tmp_path, shared_cache_dir) as dep:
-        for i in range(2):
-            dep.start_supernode(i, 2)
         yield dep
 
 
@@ -184,22 +205,8 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     config = dep.root / "run.toml"
     config.write_text(CONFIG)
     out = dep.root / "out"
-    wait_until(
-        lambda: all("SuperNode ID" in dep.log(f"supernode{i}") for i in range(2)),
-        180,
-        lambda: dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:],
-    )
-    # --stream keeps `flwr run` attached: the ServerApp's log comes back through it.
-    dep.start(
-        "flwr-run",
-        "flwr",
-        "run",
-        str(ROOT / "flower_app"),
-        "loopback",
-        "--stream",
-        "--run-config",
-        f"config='{config}' out='{out}' round-timeout=400.0 node-wait=120.0",
-    )
+    dep.start_nodes([f"partition-id={i} num-partitions=2" for i in range(2)])
+    dep.flwr_run(config, out)
     deadline = time.monotonic() + 600
     killed = False
     finished = out / "plots" / "learning_curves.png"  # written last, after summary.json
@@ -235,6 +242,41 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
+
+
+def write_silo(path: Path, n: int, offset: int) -> Path:
+    """A silo's own CSV: ``n`` examples, both labels."""
+    lines = ["text,label"] + [f"silo text {offset + i},{'pos' if i % 2 else 'neg'}" for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_each_node_trains_on_its_own_file(deployment: Deployment) -> None:
+    """Cross-silo: two SuperNodes with different files (25 and 40 rows); the server's config names
+    a third file (its global test set and label names). Each node's update reports its own file's
+    training examples, and each node's ClientApp only ever opened its own file."""
+    dep = deployment
+    silos = [write_silo(dep.root / f"silo{i}" / "data.csv", n, 1000 * i) for i, n in enumerate((25, 40))]
+    server_data = write_silo(dep.root / "server" / "data.csv", 20, 5000)
+    config = dep.root / "run.toml"
+    config.write_text(CONFIG.replace("[data]\n", f'[data]\ndataset = "csv:{server_data}"\npartition = "iid"\n'))
+    out = dep.root / "out"
+    dep.start_nodes([f"partition-id={i} num-partitions=2 data-file='{silos[i]}'" for i in range(2)])
+    dep.flwr_run(config, out)
+    finished = out / "plots" / "learning_curves.png"
+    wait_until(lambda: finished.is_file(), 600, lambda: dep.log("flwr-run")[-5000:] + dep.log("supernode0")[-3000:])
+    clients = [r for r in rows(out / "metrics.jsonl") if r["client"] is not None]
+    # test_fraction 0.2: 25 rows -> 20 train + 5 test; 40 rows -> 32 train + 8 test (cap 32).
+    assert {(r["client"], r["n_train"], r["n"]) for r in clients} == {(0, 20, 5), (1, 32, 8)}
+    aggregates = [r for r in rows(out / "metrics.jsonl") if r["client"] is None]
+    assert [r["failures"] for r in aggregates] == [[], []]
+    assert all(r["personalized_acc_mean_received"] is not None for r in aggregates)
+    for i, silo in enumerate(silos):
+        node_log = dep.log(f"supernode{i}")
+        assert f"client {i} builds its context from its own file {silo}" in node_log, node_log[-3000:]
+        assert str(silos[1 - i]) not in node_log and str(server_data) not in node_log
 
 
 def ssh_key_pair(path: Path) -> tuple[Path, Path]:
@@ -275,8 +317,8 @@ def test_node_authentication_refuses_an_unknown_node_and_admits_a_registered_one
             return bool(node_ids)
 
         wait_until(registered, 120, lambda: dep.log("superlink")[-3000:])
-        dep.start_supernode(0, 2, "--auth-supernode-private-key", str(known_key))
-        dep.start_supernode(1, 2, "--auth-supernode-private-key", str(unknown_key))
+        dep.start_node(0, "partition-id=0 num-partitions=2", "--auth-supernode-private-key", str(known_key))
+        dep.start_node(1, "partition-id=1 num-partitions=2", "--auth-supernode-private-key", str(unknown_key))
         wait_until(
             lambda: "SuperNode ID" in dep.log("supernode0"),
             180,

@@ -16,17 +16,15 @@ from torch.testing import assert_close
 from fedlora.cli import main
 from fedlora.config import PrivacyConfig, load_config
 from fedlora.errors import FedLoraError
-from fedlora.lora import ModuleId
-from fedlora.privacy import PrivacyEngine, clip_change, epsilon, gaussian_noise, noise_multiplier_for
+from fedlora.privacy import LocalNoise, PrivacyEngine, clip_change, epsilon, gaussian_noise, noise_multiplier_for
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
-SHAPES = {ModuleId(0, "query"): (2, 3)}
 UNIFORM = ["--set", "algorithm.weighting='uniform'"]
 
 
 def engine(num_clients: int = 4, per_round: int = 4, rounds: int = 3, **privacy: Any) -> PrivacyEngine:
-    return PrivacyEngine(PrivacyConfig(**privacy), num_clients, per_round, rounds, 0, SHAPES)
+    return PrivacyEngine(PrivacyConfig(**privacy), num_clients, per_round, rounds, 0)
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -80,26 +78,37 @@ def test_central_noise_on_a_zero_update_sums_to_sigma_times_c() -> None:
 
 
 def test_local_noise_on_a_zero_update_has_std_sigma_times_c() -> None:
-    from fedlora.algorithms import Payload
-    from fedlora.lora import Layout, ModuleLayout, SlotSpec
-
     sigma, c = 0.5, 2.0
-    eng = PrivacyEngine(PrivacyConfig(mode="local", clip_norm=c, noise_multiplier=sigma), 4, 4, 3, 0, SHAPES)
-    shapes = {ModuleId(0, "query"): (300, 200)}
-    eng.module_shapes = shapes
-    layout = Layout.uniform(list(shapes), ModuleLayout(slots=(SlotSpec("lora", 8, 8.0),)))
+    noise_of = LocalNoise(clip_norm=c, noise_multiplier=sigma, seed=0)
     received = {"layers.0.query.lora.A": torch.randn(8, 200), "layers.0.query.lora.B": torch.randn(300, 8)}
-    payload = Payload(layout, received)
-    up, head = eng.client_upload(2, 1, payload, {}, {}, {k: v.clone() for k, v in received.items()}, {})
+    head = {"head.bias": torch.zeros(2)}
+    up, head_up = noise_of.apply(2, 1, {k: v.clone() for k, v in received.items()}, dict(head), {**received, **head})
     noise = torch.cat([(up[k] - received[k]).flatten() for k in received])
-    assert head == {}
+    assert set(head_up) == {"head.bias"}  # the head is noised with the adapters
     assert abs(float(noise.mean())) < 4 * sigma * c / math.sqrt(noise.numel())
     assert float(noise.std()) == pytest.approx(sigma * c, rel=0.03)
     # Drawn from (seed, round, client): the same call gives the same noise, another client other noise.
-    again, _ = eng.client_upload(2, 1, payload, {}, {}, {k: v.clone() for k, v in received.items()}, {})
-    other, _ = eng.client_upload(2, 2, payload, {}, {}, {k: v.clone() for k, v in received.items()}, {})
+    again, _ = noise_of.apply(2, 1, {k: v.clone() for k, v in received.items()}, dict(head), {**received, **head})
+    other, _ = noise_of.apply(2, 2, {k: v.clone() for k, v in received.items()}, dict(head), {**received, **head})
     assert all(torch.equal(up[k], again[k]) for k in up)
     assert not torch.equal(up["layers.0.query.lora.A"], other["layers.0.query.lora.A"])
+
+
+def test_local_clipping_bounds_the_change_from_the_start_state() -> None:
+    start = {"a": torch.tensor([1.0, 1.0]), "head.bias": torch.tensor([0.0])}
+    up, head = LocalNoise(clip_norm=1.0, noise_multiplier=0.0, seed=0).apply(
+        0, 0, {"a": torch.tensor([4.0, 5.0])}, {"head.bias": torch.tensor([0.0])}, start
+    )
+    # change (3, 4, 0): norm 5, scaled to 1.
+    assert_close(up["a"], torch.tensor([1.6, 1.8]))
+    assert_close(head["head.bias"], torch.tensor([0.0]))
+
+
+def test_hook_uploads_are_refused_under_privacy() -> None:
+    eng = engine(mode="central", clip_norm=1.0)
+    ref = {"x": torch.zeros(1)}
+    with pytest.raises(FedLoraError, match="control variates"):
+        eng.process(0, {0: {"x": torch.zeros(1)}}, {0: ref}, {0: {"c": torch.zeros(1)}})
 
 
 def test_zero_std_noise_is_the_identity() -> None:

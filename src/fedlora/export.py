@@ -28,13 +28,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedlora.client import HOOK_STATE
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, PeftAdapter, adapter_from_slots, save_peft
 from fedlora.models import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from fedlora.algorithms import Payload
+    from fedlora.algorithms import ClientHooks, Payload
     from fedlora.simulation import Simulation
 
 
@@ -48,6 +49,11 @@ class RestoredModel:
     @property
     def algorithm(self) -> str:
         return self.sim.fed.config.algorithm_name
+
+    @property
+    def hooks(self) -> ClientHooks:
+        """The algorithm's client hooks for the restored payload (its test-time behaviour)."""
+        return self.sim.fed.algorithm.client_hooks(self.payload.instruction)
 
 
 def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
@@ -73,7 +79,8 @@ def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
         if client not in fed.client_ids:
             raise FedLoraError(f"--client {client}: the run has clients 0..{len(fed.client_ids) - 1}")
         payload = fed.algorithm.configure(sim.next_round, [client])[client]
-        private = sim.store.get(client)
+        # The model's private tensors; the hooks' state (``hook/...``) is not part of the model.
+        private = {k: v for k, v in sim.store.get(client).items() if not k.startswith(HOOK_STATE)}
     fed.runner.load(payload, private, fed.head.payload())
     return RestoredModel(sim, payload)
 
@@ -81,7 +88,7 @@ def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
 def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
     """Restore the model to export; refuse input-dependent mixing, which no export can hold."""
     restored = restore_model(run_dir, client)
-    if restored.payload.instance_weighting is not None:
+    if restored.hooks.weights_instances:
         raise FedLoraError(
             f"{restored.algorithm} weights its adapters per input at test time; that is neither a LoRA nor a "
             "merged model (for feddpa, run with algorithm.test_weighting='fixed' to export one)"

@@ -25,7 +25,7 @@ tensors together (the federated head included). Every change is bounded in L2 no
     what ``sigma`` alone would.
 ``local``
     Each client clips its own change and adds ``N(0, sigma^2 C^2)`` to it before upload
-    (:meth:`PrivacyEngine.client_upload`); the server sees only noised updates.
+    (:class:`LocalNoise`, applied at the end of ``client_round``); the server sees only noised updates.
 
 The accountant is Opacus' RDP accountant (Mironov 2017; Poisson-subsampled Gaussian).
 Central: one step per round at sampling rate ``q = clients per round / clients`` (our
@@ -39,6 +39,7 @@ round's epsilon is at most the target (Opacus' ``get_noise_multiplier``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,21 +48,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.algorithms.base import Payload, Tensors
+from fedlora.algorithms.base import Tensors
 from fedlora.client import derive_seed
-from fedlora.config import PrivacyConfig
+from fedlora.config import Config, PrivacyConfig
 from fedlora.errors import FedLoraError
-from fedlora.lora import ModuleId, init_state
 
 __all__ = [
     "CENTRAL_DP_COVERED",
+    "LocalNoise",
     "PrivacyEngine",
     "change_norm",
     "clip_change",
     "epsilon",
     "gaussian_noise",
+    "local_noise",
     "noise_multiplier_for",
-    "reference_state",
 ]
 
 
@@ -70,25 +71,6 @@ __all__ = [
 #: release means over subsets (clusters, leave-one-out), products or stacks of the individual
 #: noised uploads: central mode runs, but its epsilon is nominal for them (docs/privacy.md).
 CENTRAL_DP_COVERED = frozenset({"fedit", "ffa", "fedsa", "sharedepth", "zeropad", "feddpa", "local"})
-
-
-def reference_state(
-    uploaded: Mapping[str, torch.Tensor],
-    payload: Payload,
-    private: Mapping[str, torch.Tensor],
-    head: Mapping[str, torch.Tensor],
-    module_shapes: Mapping[ModuleId, tuple[int, int]],
-    seed: int,
-) -> Tensors:
-    """What a client's uploaded tensors started the round as (same order as ``ClientRunner.load``).
-
-    Keys neither the payload, the private state nor the head hold start at the seeded
-    LoRA init of the payload's layout.
-    """
-    start = {**private, **payload.tensors, **head}
-    if any(k not in start for k in uploaded):
-        start = {**init_state(payload.layout, dict(module_shapes), seed), **start}
-    return {k: start[k] for k in uploaded}
 
 
 def change_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
@@ -144,6 +126,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=32)
 def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
     """The smallest noise multiplier (to Opacus' tolerance) with epsilon <= ``target_epsilon`` after ``steps``."""
     from opacus.accountants.utils import get_noise_multiplier
@@ -164,6 +147,51 @@ def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, 
             f"privacy.target_epsilon = {target_epsilon} cannot be reached over {steps} rounds at sampling rate "
             f"{sample_rate:.3g} and delta = {delta} ({exc}); raise the target, or run fewer rounds"
         ) from None
+
+
+def local_noise_multiplier(config: PrivacyConfig, rounds: int) -> float:
+    """Local mode's sigma: ``noise_multiplier``, or calibrated to ``target_epsilon`` over every round, unsampled."""
+    if config.target_epsilon > 0:
+        return noise_multiplier_for(config.target_epsilon, 1.0, rounds, config.delta)
+    return config.noise_multiplier
+
+
+@dataclass(frozen=True)
+class LocalNoise:
+    """A client's own clipping and noise (``privacy.mode = "local"``), built from the run config alone.
+
+    A Flower node builds it from the config it is sent, the simulator from its own: both
+    add the same noise, drawn from ``(seed, round, client)``.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    seed: int
+
+    def apply(
+        self,
+        rnd: int,
+        client: int,
+        upload: Tensors,
+        head_upload: Tensors,
+        start: Mapping[str, torch.Tensor],
+    ) -> tuple[Tensors, Tensors]:
+        """Clip the change of adapters and head together (from ``start``, the state the client
+        trained from) at ``clip_norm`` and add ``N(0, (noise_multiplier * clip_norm)^2)``.
+        Returns (adapters, head)."""
+        everything = {**upload, **head_upload}
+        clipped, _ = clip_change(everything, {k: start[k] for k in everything}, self.clip_norm)
+        std = _std(self.noise_multiplier, self.clip_norm)
+        noised = gaussian_noise(clipped, std, derive_seed(self.seed, rnd, "privacy", client))
+        return {k: noised[k] for k in upload}, {k: noised[k] for k in head_upload}
+
+
+def local_noise(config: Config) -> LocalNoise | None:
+    """The client side of ``[privacy]``: a :class:`LocalNoise` in local mode, else ``None``."""
+    if config.privacy.mode != "local":
+        return None
+    sigma = local_noise_multiplier(config.privacy, config.run.rounds)
+    return LocalNoise(config.privacy.clip_norm, sigma, config.run.seed)
 
 
 def _std(noise_multiplier: float, clip_norm: float) -> float:
@@ -202,8 +230,6 @@ class PrivacyEngine:
     num_clients, clients_per_round, rounds, seed
         The federation's size, the number of clients sampled per round, the run length
         and the run seed (noise is drawn from ``(seed, round, client)``).
-    module_shapes
-        The adapted modules' shapes (a client rebuilds its reference from them).
     """
 
     config: PrivacyConfig
@@ -211,7 +237,6 @@ class PrivacyEngine:
     clients_per_round: int
     rounds: int
     seed: int
-    module_shapes: Mapping[ModuleId, tuple[int, int]]
     noise_multiplier: float = field(init=False)
     calibrated: bool = field(init=False)
     clip_norm: float = field(init=False)
@@ -222,9 +247,10 @@ class PrivacyEngine:
         cfg = self.config
         self.clip_norm = cfg.clip_norm
         self.calibrated = cfg.target_epsilon > 0
-        if self.calibrated:
-            rate = self.sample_rate if cfg.mode == "central" else 1.0
-            self.noise_multiplier = noise_multiplier_for(cfg.target_epsilon, rate, self.rounds, cfg.delta)
+        if cfg.mode == "local":
+            self.noise_multiplier = local_noise_multiplier(cfg, self.rounds)
+        elif self.calibrated:
+            self.noise_multiplier = noise_multiplier_for(cfg.target_epsilon, self.sample_rate, self.rounds, cfg.delta)
         else:
             self.noise_multiplier = cfg.noise_multiplier
 
@@ -268,35 +294,24 @@ class PrivacyEngine:
                 "the noise covers; set algorithm.weighting = 'uniform'"
             )
 
-    def client_upload(
+    def process(
         self,
         rnd: int,
-        cid: int,
-        payload: Payload,
-        private: Mapping[str, torch.Tensor],
-        head_payload: Mapping[str, torch.Tensor],
-        upload: Tensors,
-        head_upload: Tensors,
-    ) -> tuple[Tensors, Tensors]:
-        """A client's own clipping and noise (local mode; any other mode returns the upload as is).
-
-        The change of adapters and head together is clipped at ``clip_norm`` and gets
-        ``N(0, (noise_multiplier * clip_norm)^2)`` noise drawn from ``(seed, round,
-        client)``, so both runtimes add the same noise. Returns (adapters, head).
-        """
-        if self.config.mode != "local":
-            return upload, head_upload
-        everything = {**upload, **head_upload}
-        reference = reference_state(everything, payload, private, head_payload, self.module_shapes, self.seed)
-        clipped, _ = clip_change(everything, reference, self.clip_norm)
-        std = _std(self.noise_multiplier, self.clip_norm)
-        noised = gaussian_noise(clipped, std, derive_seed(self.seed, rnd, "privacy", cid))
-        return {k: noised[k] for k in upload}, {k: noised[k] for k in head_upload}
-
-    def process(
-        self, rnd: int, uploads: Mapping[int, Tensors], references: Mapping[int, Mapping[str, torch.Tensor]]
+        uploads: Mapping[int, Tensors],
+        references: Mapping[int, Mapping[str, torch.Tensor]],
+        hook_uploads: Mapping[int, Tensors] | None = None,
     ) -> tuple[dict[int, Tensors], RoundRecord]:
-        """One round on the server: central clipping and noise (none in local mode) and the accountant's step."""
+        """One round on the server: central clipping and noise (none in local mode) and the accountant's step.
+
+        ``hook_uploads`` (what client hooks upload beside the model, e.g. SCAFFOLD's control
+        variates) are not covered by the clipping and noise: a round that has any is refused.
+        """
+        if any(hook_uploads.values() if hook_uploads else ()):
+            raise FedLoraError(
+                "[privacy] clips and noises the model's upload only, but this algorithm's clients also upload hook "
+                "tensors (e.g. SCAFFOLD's control variates), which would leave unprotected; run it without "
+                "privacy.mode, or use a method without uploaded hook tensors"
+            )
         out = dict(uploads)
         clipped = 0
         bound = self.clip_norm

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,14 +49,15 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from fedlora.algorithms import Payload, Update
+from fedlora.algorithms import Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import Tensors
-from fedlora.config import Config
+from fedlora.client import ClientOutcome
+from fedlora.config import Config, from_dict
 from fedlora.errors import FedLoraError
 from fedlora.flower.server import FlowerRun
 from fedlora.flower.wire import as_int, train_content
 from fedlora.heads import is_head_key
-from fedlora.simulation import ClientFailure, ClientOutcome
+from fedlora.simulation import ClientFailure
 from fedlora.tasks import EvalResult
 from fedlora.validation import expected_upload
 
@@ -98,9 +100,15 @@ def secure_aggregation_problem(config: Config) -> str | None:
     return None
 
 
-def client_weight(fed_weighting: str | None, num_examples: int) -> int:
+def weighting_of(config: Config) -> str | None:
+    """The run's ``algorithm.weighting`` (the algorithm's default when the config leaves it out)."""
+    options = parse_options(get_algorithm(config.algorithm_name), config.algorithm_options)
+    return getattr(options, "weighting", None)
+
+
+def client_weight(config_toml: str, num_examples: int) -> int:
     """A client's integer weight in the secure sum: its example count, or 1 under uniform weighting."""
-    return 1 if fed_weighting == "uniform" else num_examples
+    return 1 if weighting_of(from_dict(tomllib.loads(config_toml))) == "uniform" else num_examples
 
 
 def flatten(tensors: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
@@ -217,9 +225,9 @@ class SecAggFlowerRun(FlowerRun):
             for cid in payloads:
                 outcomes.setdefault(cid, ClientFailure("SecAggHalted", "SecAgg+ needs at least 2 clients in a round"))
             return outcomes
-        weighting = getattr(self.fed.algorithm.options, "weighting", None)
+        uniform = weighting_of(self.config) == "uniform"
         node_to_client = {node: cid for cid, node in self.nodes.items()}
-        max_weight = max(client_weight(weighting, self.fed.ctx.num_examples[node_to_client[n]]) for n in contents)
+        max_weight = 1 if uniform else max(self.fed.ctx.num_examples[node_to_client[n]] for n in contents)
         strategy = _Round(self.grid, contents)
         context = LegacyContext(
             Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -252,9 +260,8 @@ class SecAggFlowerRun(FlowerRun):
             for k, a in zip(keys, mean, strict=True)
         }
         row: dict[str, Any] = json.loads(str(meta["row"]))
-        numel = sum(int(np.prod(s)) for s in shapes.values())
-        row["bytes_up"] = 8 * numel  # the masked int64 vector (the key exchange is not counted)
         result = json.loads(str(meta["eval"]))
+        received = json.loads(str(meta["eval_received"]))
         return ClientOutcome(
             update=Update(
                 {k: v for k, v in tensors.items() if not is_head_key(k)},
@@ -266,6 +273,7 @@ class SecAggFlowerRun(FlowerRun):
             row=row,
             result=None if result is None else EvalResult(**result),
             trainable_params=as_int(meta["trainable_params"]),
+            received=None if received is None else EvalResult(**received),
         )
 
     def _upload_shapes(self, payload: Payload) -> dict[str, tuple[int, ...]]:
