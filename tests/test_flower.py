@@ -268,11 +268,13 @@ def test_secure_aggregation_hides_every_update_and_keeps_the_metrics(
 
 def test_secure_aggregation_refuses_what_needs_individual_updates() -> None:
     from fedlora.errors import FedLoraError
-    from fedlora.flower.secagg import secure_aggregation_problem
+    from fedlora.flower.secagg import NEEDS_INDIVIDUAL_UPDATES, SECURE_AGGREGATION_METHODS, secure_aggregation_problem
 
     def problem(*overrides: str) -> str | None:
         return secure_aggregation_problem(load_config(SMOKE, ["privacy.secure_aggregation=true", *overrides]))
 
+    # Every registered method is either run or refused with its reason.
+    assert set(registry()) <= SECURE_AGGREGATION_METHODS | set(NEEDS_INDIVIDUAL_UPDATES)
     assert problem() is None and problem("algorithm.name='ffa'") is None
     assert "client tree" in str(problem("algorithm.name='fedtreelora'"))
     assert "truncation" in str(problem("algorithm.name='fedhl'"))

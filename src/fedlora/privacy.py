@@ -70,7 +70,22 @@ __all__ = [
 #: round's uploads, so that central mode's noise gives them the DP-FedAvg guarantee. The others
 #: release means over subsets (clusters, leave-one-out), products or stacks of the individual
 #: noised uploads: central mode runs, but its epsilon is nominal for them (docs/privacy.md).
-CENTRAL_DP_COVERED = frozenset({"fedit", "ffa", "fedsa", "sharedepth", "zeropad", "feddpa", "local"})
+CENTRAL_DP_COVERED = frozenset(
+    {
+        "fedit",
+        "ffa",
+        "fedsa",
+        "sharedepth",
+        "zeropad",
+        "feddpa",
+        "local",
+        "fedprox",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+    }
+)
 
 
 def change_norm(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:

@@ -64,7 +64,9 @@ from fedlora.validation import expected_upload
 log = logging.getLogger("flwr")
 
 #: Methods whose aggregate is a weighted mean of every client's upload, all of one shape.
-SECURE_AGGREGATION_METHODS = frozenset({"fedit", "ffa", "fedsa", "sharedepth", "feddpa"})
+SECURE_AGGREGATION_METHODS = frozenset(
+    {"fedit", "ffa", "fedsa", "sharedepth", "feddpa", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
+)
 
 #: Why the other methods cannot run on a sum alone.
 NEEDS_INDIVIDUAL_UPDATES = {
@@ -78,6 +80,7 @@ NEEDS_INDIVIDUAL_UPDATES = {
     "hetlora": "weights each client by the norm of its own update, at its own rank",
     "zeropad": "zero-pads each client's factors from its own rank",
     "local": "uploads nothing",
+    "scaffold": "uploads control variates beside the model, which this SecAgg+ round does not sum",
 }
 
 
