@@ -1,8 +1,8 @@
 """Client-level differential privacy: clipping of each upload's change, Gaussian noise, an accountant.
 
 A client's *change* is what it uploads minus what it received (its reference: the
-payload over its private state, see :func:`reference_state`), over all its uploaded
-tensors together (the federated head included). Every change is bounded in L2 norm by
+payload over its private state, the state it started training from), over all its
+uploaded tensors together (the federated head included). Every change is bounded in L2 norm by
 ``C`` (``privacy.clip_norm``): ``reference + change * min(1, C / ||change||)``.
 
 ``privacy.mode``:
