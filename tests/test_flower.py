@@ -130,13 +130,30 @@ def overrides_for(algorithm: str) -> list[str]:
     return [*TINY, f"algorithm.name='{algorithm}'", *EXTRA.get(algorithm, [])]
 
 
+#: Differential privacy in both runtimes: the server's clipping and noise (with the adaptive
+#: bound) and each client's own noise.
+DP_RUNS = {
+    "fedit+central_dp": [
+        *overrides_for("fedit"),
+        "algorithm.weighting='uniform'",
+        "privacy.mode='central'",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip_norm=0.05",
+        "privacy.adaptive_clip=true",
+        "privacy.clipped_count_stddev=1.0",
+    ],
+    "fedsa+local_dp": [*overrides_for("fedsa"), "privacy.mode='local'", "privacy.target_epsilon=20.0"],
+}
+
+
 @pytest.fixture(scope="module")
 def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every registered algorithm through Flower's simulation engine, on one start of it."""
     root = tmp_path_factory.mktemp("flower")
-    runs = [(load_config(SMOKE, overrides_for(name)), root / name) for name in ALGORITHMS]
+    overrides = {**{name: overrides_for(name) for name in ALGORITHMS}, **DP_RUNS}
+    runs = [(load_config(SMOKE, o), root / name) for name, o in overrides.items()]
     simulate(runs, parallel=2)
-    return {name: root / name for name in ALGORITHMS}
+    return {name: root / name for name in overrides}
 
 
 @pytest.mark.slow
@@ -186,3 +203,111 @@ def test_gpu_share_is_refused_without_a_gpu_and_passed_to_ray(
     assert seen["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
     with pytest.raises(FedLoraError, match=r"\[0, 1\]"):
         simulate_module.simulate([(gpu_config, tmp_path / "gpu")], gpus_per_client=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DP_RUNS))
+def test_differential_privacy_is_the_same_in_both_runtimes(
+    tmp_path: Path, name: str, flower_runs: dict[str, Path]
+) -> None:
+    sim_dir = tmp_path / "sim"
+    overrides = [a for o in DP_RUNS[name] for a in ("--set", o)]
+    assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
+    sim_rows, flower_rows = rows(sim_dir), rows(flower_runs[name])
+    assert_same(sim_rows, flower_rows, "metrics")
+    aggregates = [r for r in flower_rows if r["client"] is None]
+    assert all(r["dp_epsilon"] > 0 for r in aggregates)
+    sim_summary = json.loads((sim_dir / "summary.json").read_text())
+    flower_summary = json.loads((flower_runs[name] / "summary.json").read_text())
+    assert_same(sim_summary["privacy"], flower_summary["privacy"], "privacy")
+
+
+def assert_close_rows(plain: Any, secure: Any, tol: float, where: str = "") -> None:
+    """Equal structure; floats within ``tol`` (SecAgg+ quantization), everything else equal."""
+    if isinstance(plain, dict):
+        assert isinstance(secure, dict) and plain.keys() == secure.keys(), where
+        for key in plain:
+            assert_close_rows(plain[key], secure[key], tol, f"{where}.{key}")
+    elif isinstance(plain, list):
+        assert isinstance(secure, list) and len(plain) == len(secure), where
+        for i, (x, y) in enumerate(zip(plain, secure, strict=True)):
+            assert_close_rows(x, y, tol, f"{where}[{i}]")
+    elif isinstance(plain, float):
+        assert secure == pytest.approx(plain, abs=tol), where
+    else:
+        assert secure == plain, where
+
+
+#: Sum-aggregated methods under SecAgg+: fedit with a federated head (every tensor securely
+#: summed, example weights), fedsa (A summed, B private; uniform weights).
+SECAGG_RUNS = {
+    "fedit": overrides_for("fedit"),
+    "fedsa": [*overrides_for("fedsa"), "algorithm.weighting='uniform'"],
+}
+
+
+@pytest.mark.slow
+def test_secure_aggregation_hides_every_update_and_keeps_the_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr.compat.common.recorddict_compat as compat
+
+    # Every masked reply the server reads, as the SecAgg+ workflow reads it.
+    tensors_seen: list[int] = []
+    to_fitres = compat.recorddict_to_fitres
+
+    def spy(content: Any, keep_input: bool) -> Any:
+        tensors_seen.append(sum(len(record) for record in content.array_records.values()))
+        return to_fitres(content, keep_input)
+
+    monkeypatch.setattr(compat, "recorddict_to_fitres", spy)
+    # What the algorithm aggregates: per round, each client's update.
+    from fedlora.flower.secagg import SecAggFlowerRun
+
+    aggregated: list[dict[int, dict[str, torch.Tensor]]] = []
+    run_clients = SecAggFlowerRun.run_clients
+
+    def record(self: SecAggFlowerRun, *args: Any) -> Any:
+        outcomes = run_clients(self, *args)
+        aggregated.append({c: o.update.tensors for c, o in outcomes.items() if isinstance(o, ClientOutcome)})
+        return outcomes
+
+    monkeypatch.setattr(SecAggFlowerRun, "run_clients", record)
+    secure = [
+        (load_config(SMOKE, [*o, "privacy.secure_aggregation=true"]), tmp_path / f"secure_{n}")
+        for n, o in SECAGG_RUNS.items()
+    ]
+    simulate(secure, parallel=2)
+    # The server never held an individual tensor: each masked reply came with its tensor records emptied...
+    assert len(tensors_seen) == 2 * 3 * len(SECAGG_RUNS) and set(tensors_seen) == {0}
+    # ... and each round's clients all carry one update, the secure mean.
+    assert len(aggregated) == 2 * len(SECAGG_RUNS)
+    for updates in aggregated:
+        first = updates[min(updates)]
+        assert len(updates) == 3 and all(torch.equal(u[k], first[k]) for u in updates.values() for k in first)
+    for name, o in SECAGG_RUNS.items():
+        plain_dir = tmp_path / f"plain_{name}"
+        assert main(["run", str(SMOKE), "--out", str(plain_dir), "--quiet", *[a for x in o for a in ("--set", x)]]) == 0
+        plain, masked = rows(plain_dir), rows(tmp_path / f"secure_{name}")
+        # Quantization moves each weighted parameter by < 16 / 2**22 (4e-6): metrics move by about that.
+        assert_close_rows(plain, masked, 1e-4, name)
+
+
+def test_secure_aggregation_refuses_what_needs_individual_updates() -> None:
+    from fedlora.errors import FedLoraError
+    from fedlora.flower.secagg import NEEDS_INDIVIDUAL_UPDATES, SECURE_AGGREGATION_METHODS, secure_aggregation_problem
+
+    def problem(*overrides: str) -> str | None:
+        return secure_aggregation_problem(load_config(SMOKE, ["privacy.secure_aggregation=true", *overrides]))
+
+    # Every registered method is either run or refused with its reason.
+    assert set(registry()) <= SECURE_AGGREGATION_METHODS | set(NEEDS_INDIVIDUAL_UPDATES)
+    assert problem() is None and problem("algorithm.name='ffa'") is None
+    assert "client tree" in str(problem("algorithm.name='fedtreelora'"))
+    assert "truncation" in str(problem("algorithm.name='fedhl'"))
+    assert "privacy.mode = 'local'" in str(problem("privacy.mode='central'", "algorithm.weighting='uniform'"))
+    assert "clip_update_norm = 0" in str(problem("federation.clip_update_norm=3.0"))
+    from fedlora.simulation import Simulation
+
+    with pytest.raises(FedLoraError, match="runs on Flower"):
+        Simulation(load_config(SMOKE, ["privacy.secure_aggregation=true"]), Path("/nonexistent/never"))

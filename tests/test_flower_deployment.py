@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,23 +87,28 @@ class Deployment:
     ca_cert: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def start_node(self, i: int, node_config: str, *extra: str) -> None:
+        """SuperNode ``supernode{i}`` over TLS to the SuperLink (``extra``: more of its flags)."""
+        self.start(
+            f"supernode{i}",
+            "flower-supernode",
+            "--root-certificates",
+            str(self.ca_cert),
+            "--superlink",
+            f"{HOST}:{self.link_port}",
+            "--host",
+            HOST,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            *extra,
+        )
+
     def start_nodes(self, node_configs: list[str]) -> None:
         """One SuperNode per node config (``supernode0``, ``supernode1``, ...)."""
         for i, node_config in enumerate(node_configs):
-            self.start(
-                f"supernode{i}",
-                "flower-supernode",
-                "--root-certificates",
-                str(self.ca_cert),
-                "--superlink",
-                f"{HOST}:{self.link_port}",
-                "--host",
-                HOST,
-                "--port",
-                str(free_port()),
-                "--node-config",
-                node_config,
-            )
+            self.start_node(i, node_config)
         wait_until(
             lambda: all("SuperNode ID" in self.log(f"supernode{i}") for i in range(len(node_configs))),
             180,
@@ -137,8 +143,9 @@ class Deployment:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
 
-@pytest.fixture
-def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
+@contextmanager
+def superlink(tmp_path: Path, cache_dir: Path, *extra: str) -> Iterator[Deployment]:
+    """A TLS SuperLink on loopback (``extra``: more of its flags); every process stopped at exit."""
     certs = make_certificates(tmp_path / "certs", hosts=[HOST, "localhost"])
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -153,7 +160,7 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FEDLORA_CACHE": str(shared_cache_dir),
+        "FEDLORA_CACHE": str(cache_dir),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
@@ -173,11 +180,19 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
             "--port",
             str(port),
             "--disable-runtime-dependency-installation",
+            *extra,
         )
         yield dep
     finally:
         for proc in dep.procs.values():
             stop(proc)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
+    """A TLS SuperLink on loopback; the test starts the SuperNodes."""
+    with superlink(tmp_path, shared_cache_dir) as dep:
+        yield dep
 
 
 def rows(path: Path) -> list[dict[str, object]]:
@@ -262,3 +277,67 @@ def test_each_node_trains_on_its_own_file(deployment: Deployment) -> None:
         node_log = dep.log(f"supernode{i}")
         assert f"client {i} builds its context from its own file {silo}" in node_log, node_log[-3000:]
         assert str(silos[1 - i]) not in node_log and str(server_data) not in node_log
+
+
+def ssh_key_pair(path: Path) -> tuple[Path, Path]:
+    """A P-384 key pair in OpenSSH format (what ``ssh-keygen -t ecdsa -b 384`` writes): (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = path, path.with_suffix(".pub")
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
+@pytest.mark.slow
+def test_node_authentication_refuses_an_unknown_node_and_admits_a_registered_one(
+    tmp_path: Path, shared_cache_dir: Path
+) -> None:
+    # docs/deploy.md, "Node authentication": keys registered through the Control API, the
+    # SuperLink started with --enable-supernode-auth, each SuperNode signing with its key.
+    with superlink(tmp_path, shared_cache_dir, "--enable-supernode-auth") as dep:
+        known_key, known_pub = ssh_key_pair(tmp_path / "known_key")
+        unknown_key, _ = ssh_key_pair(tmp_path / "unknown_key")
+        register = ["flwr", "supernode", "register", str(known_pub), "loopback", "--format", "json"]
+        node_ids: list[int] = []
+
+        def registered() -> bool:  # the Control API answers once the SuperLink is up
+            done = subprocess.run(
+                [str(BIN / register[0]), *register[1:]], cwd=dep.root, env=dep.env, capture_output=True
+            )
+            reply = json.loads(done.stdout or "{}")
+            node_ids.extend([int(reply["node-id"])] if reply.get("success") else [])
+            return bool(node_ids)
+
+        wait_until(registered, 120, lambda: dep.log("superlink")[-3000:])
+        dep.start_node(0, "partition-id=0 num-partitions=2", "--auth-supernode-private-key", str(known_key))
+        dep.start_node(1, "partition-id=1 num-partitions=2", "--auth-supernode-private-key", str(unknown_key))
+        wait_until(
+            lambda: "SuperNode ID" in dep.log("supernode0"),
+            180,
+            lambda: dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:],
+        )
+        # The known node runs under the id its key was registered with.
+        assert f"SuperNode ID: {node_ids[0]}" in dep.log("supernode0")
+        # The unknown node is refused: it gets no id and exits (Flower's exit code 305).
+        wait_until(lambda: dep.procs["supernode1"].poll() is not None, 120, lambda: dep.log("supernode1")[-3000:])
+        refused = dep.log("supernode1")
+        assert dep.procs["supernode1"].returncode != 0
+        assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused, refused[-3000:]
+        listed = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "loopback", "--format", "json"],
+            cwd=dep.root,
+            env=dep.env,
+            capture_output=True,
+            text=True,
+        )
+        nodes = json.loads(listed.stdout)["nodes"]
+        assert [(int(n["node-id"]), n["status"]) for n in nodes] == [(node_ids[0], "online")]
+        assert dep.procs["supernode0"].poll() is None, dep.log("supernode0")[-3000:]

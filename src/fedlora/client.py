@@ -18,7 +18,7 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from fedlora.heads import is_head_key
 from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import RECEIVED
 from fedlora.tasks import EvalResult, Objective
+
+if TYPE_CHECKING:
+    from fedlora.privacy import LocalNoise
 
 #: Prefix of the hooks' private state among a client's private tensors (never loaded into the model).
 HOOK_STATE = "hook/"
@@ -246,6 +249,9 @@ class ClientContext:
     hooks
         The algorithm's client hooks class (``Algorithm.client_hooks``, found by the
         config's algorithm name); built each round from the payload's instruction.
+    local_dp
+        ``privacy.mode = "local"``: the client's own clipping and noise of its upload
+        (:class:`~fedlora.privacy.LocalNoise`); ``None`` otherwise.
     """
 
     client: int
@@ -255,6 +261,7 @@ class ClientContext:
     head_policy: str = "frozen"
     personalized: str = "both"
     hooks: type[ClientHooks] = ClientHooks
+    local_dp: LocalNoise | None = None
 
 
 @dataclass
@@ -303,15 +310,15 @@ def client_round(
     start = runner.trained_state()
     train_loss = runner.train(ctx.client, rnd, ctx.train, payload.lr_multipliers, hooks)
     trained = runner.trained_state()
-    hook_upload, hook_state = hooks.finish(
-        trained, start, runner.num_steps(len(ctx.train)), runner.train_config.lr
-    )
+    hook_upload, hook_state = hooks.finish(trained, start, runner.num_steps(len(ctx.train)), runner.train_config.lr)
     adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
     head = {k: v for k, v in trained.items() if is_head_key(k)}
     upload, new_private = payload.split(adapters)
     head_upload = head if ctx.head_policy == "federated" and payload.upload else {}
     new_private.update({k: v for k, v in head.items() if k not in head_upload})
     new_private.update({f"{HOOK_STATE}{k}": v for k, v in hook_state.items()})
+    if ctx.local_dp is not None:
+        upload, head_upload = ctx.local_dp.apply(rnd, ctx.client, upload, head_upload, start)
     row: dict[str, Any] = {
         "round": rnd,
         "client": ctx.client,

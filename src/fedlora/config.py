@@ -9,6 +9,7 @@ against the algorithm's options class.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mode: str = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+    secure_aggregation: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -95,6 +110,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedit"})
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def algorithm_name(self) -> str:
@@ -226,6 +242,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise FedLoraError(message)
+    validate_privacy(config.privacy)
     if (
         config.model.rank_assignment == "list"
         and config.model.ranks
@@ -235,6 +252,45 @@ def validate(config: Config) -> None:
             f"model.ranks has {len(config.model.ranks)} entries but data.num_clients = {config.data.num_clients}; "
             "give one rank per client, or use rank_assignment = 'round_robin' / 'random'"
         )
+
+
+def validate_privacy(p: PrivacyConfig) -> None:
+    """Range checks of ``[privacy]`` (see docs/privacy.md)."""
+    checks: list[tuple[bool, str]] = [
+        (
+            p.mode in ("off", "central", "local"),
+            f"privacy.mode = {p.mode!r}: use 'off', 'central' (the server clips and adds the noise) or 'local' "
+            "(each client clips and noises its own update)",
+        ),
+        (p.clip_norm > 0, f"privacy.clip_norm = {p.clip_norm}: the L2 bound of an update's change must be > 0"),
+        (p.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 (noise std = noise_multiplier * clip_norm)"),
+        (
+            math.isfinite(p.clip_norm) or (p.noise_multiplier == 0 and p.target_epsilon == 0),
+            "privacy.clip_norm = inf bounds nothing, so no noise can protect the updates; set a finite clip_norm",
+        ),
+        (p.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 = set privacy.noise_multiplier yourself)"),
+        (0 < p.delta < 1, f"privacy.delta = {p.delta}: must be in (0, 1), e.g. 1e-5 (below 1 / number of clients)"),
+        (0 < p.target_quantile < 1, "privacy.target_quantile must be in (0, 1) (fraction of updates left unclipped)"),
+        (p.clip_lr > 0, "privacy.clip_lr must be > 0 (step of the geometric clip-norm update)"),
+        (p.clipped_count_stddev >= 0, "privacy.clipped_count_stddev must be >= 0 (0 = sampled clients / 20)"),
+        (
+            not (p.target_epsilon > 0 and p.noise_multiplier > 0),
+            "set either privacy.target_epsilon (the noise multiplier is then calibrated to it) or "
+            "privacy.noise_multiplier, not both",
+        ),
+        (
+            not (p.mode == "off" and p.target_epsilon > 0),
+            "privacy.target_epsilon needs privacy.mode = 'central' or 'local'",
+        ),
+        (
+            not (p.mode == "local" and p.adaptive_clip),
+            "privacy.adaptive_clip needs privacy.mode = 'central': the server adapts the bound from the clients' "
+            "update norms, which local DP never shows it",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise FedLoraError(message)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

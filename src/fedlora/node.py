@@ -28,6 +28,7 @@ from fedlora.client import ClientContext
 from fedlora.config import Config
 from fedlora.data import TextDataset, load_dataset, split_clients
 from fedlora.errors import FedLoraError
+from fedlora.privacy import local_noise
 from fedlora.simulation import client_splits, load_lora_model, make_runner
 from fedlora.tasks import task_for
 
@@ -90,4 +91,6 @@ def node_context(
     runner = make_runner(config, dataset, rows, loaded, lora_model)
     train, test = np.searchsorted(rows, split.train), np.searchsorted(rows, split.test)
     hooks = get_algorithm(config.algorithm_name).client_hooks
-    return ClientContext(client, runner, train, test, config.model.head, config.eval.personalized, hooks)
+    return ClientContext(
+        client, runner, train, test, config.model.head, config.eval.personalized, hooks, local_noise(config)
+    )

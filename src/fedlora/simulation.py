@@ -33,6 +33,7 @@ from fedlora.heads import HeadPolicy, is_head_key
 from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
+from fedlora.privacy import LocalNoise, PrivacyEngine, local_noise
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
 from fedlora.traffic import bytes_down, bytes_up
@@ -66,12 +67,17 @@ def sample_clients(config: Config, client_ids: Sequence[int], rnd: int, attempt:
         raise FedLoraError(
             f"federation.min_clients = {config.federation.min_clients} but the federation has {len(client_ids)} clients"
         )
-    m = max(config.federation.min_clients, round(config.federation.fraction * len(client_ids)))
-    if m >= len(client_ids):
+    m = clients_per_round(config, len(client_ids))
+    if m == len(client_ids):
         return list(client_ids)
     parts: tuple[object, ...] = (rnd, "sample") if attempt == 0 else (rnd, "sample", attempt)
     rng = np.random.default_rng(derive_seed(config.run.seed, *parts))
     return sorted(int(c) for c in rng.choice(np.asarray(client_ids), size=m, replace=False))
+
+
+def clients_per_round(config: Config, num_clients: int) -> int:
+    """How many clients a round samples: ``fraction`` of them, at least ``min_clients``, at most all."""
+    return min(num_clients, max(config.federation.min_clients, round(config.federation.fraction * num_clients)))
 
 
 @dataclass
@@ -90,9 +96,12 @@ class Federation:
     algorithm: Algorithm
     head: HeadPolicy
     runner: ClientRunner
+    privacy: PrivacyEngine
     test_union: np.ndarray = field(init=False)
+    local_dp: LocalNoise | None = field(init=False)
 
     def __post_init__(self) -> None:
+        self.local_dp = local_noise(self.config)
         self.test_union = np.concatenate([s.test for s in self.splits]) if self.splits else np.array([], dtype=np.int64)
 
     @property
@@ -110,6 +119,7 @@ class Federation:
             self.config.model.head,
             self.config.eval.personalized,
             self.algorithm.client_hooks,
+            self.local_dp,
         )
 
 
@@ -205,9 +215,28 @@ def build_federation(config: Config) -> Federation:
         lr=config.train.lr,
     )
     algorithm = algorithm_cls(ctx, options)
+    privacy = PrivacyEngine(
+        config.privacy,
+        len(client_ids),
+        clients_per_round(config, len(client_ids)),
+        config.run.rounds,
+        config.run.seed,
+    )
+    privacy.check_weighting(config.algorithm_name, options)
     head = HeadPolicy(config.model.head, runner.head_init)
     return Federation(
-        config, dataset, used, splits, loaded, lora_model, runner.objective.corpus, ctx, algorithm, head, runner
+        config,
+        dataset,
+        used,
+        splits,
+        loaded,
+        lora_model,
+        runner.objective.corpus,
+        ctx,
+        algorithm,
+        head,
+        runner,
+        privacy,
     )
 
 
@@ -247,7 +276,15 @@ class Simulation:
         ``(round, None)`` after each round, for progress bars.
     """
 
+    #: Whether this runtime can aggregate without seeing individual updates (Flower's SecAgg+ run).
+    secure_aggregation = False
+
     def __init__(self, config: Config, out_dir: Path, on_progress: ProgressHook | None = None) -> None:
+        if config.privacy.secure_aggregation and not self.secure_aggregation:
+            raise FedLoraError(
+                "privacy.secure_aggregation runs on Flower (SecAgg+ between separate nodes): use "
+                "'fedlora flower simulate' or a deployment; the simulator has no server to hide updates from"
+            )
         self.config = config
         self.out_dir = out_dir
         self.on_progress = on_progress
@@ -296,6 +333,11 @@ class Simulation:
         scales: dict[int, float] = {}
         if cfg.federation.clip_update_norm > 0:
             uploads, scales = clip_to_median(uploads, references, cfg.federation.clip_update_norm)
+        privacy_row: dict[str, Any] = {}
+        if fed.privacy.enabled:
+            hooks = {cid: o.update.hook_tensors for cid, o in outcomes.items()}
+            uploads, record = fed.privacy.process(rnd, uploads, references, hooks)
+            privacy_row = record.row()
         updates = {
             cid: Update(
                 {k: v for k, v in uploads[cid].items() if not is_head_key(k)},
@@ -319,6 +361,7 @@ class Simulation:
         aggregate = round_aggregate(
             rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received, memory
         )
+        aggregate.update(privacy_row)
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
         self.next_round = rnd + 1
@@ -403,7 +446,7 @@ class Simulation:
             result.row["bytes_up"] = bytes_up(result.update, result.head_upload)
             result.row["bytes_down"] = bytes_down(payload, head_payload)
             outcomes[cid] = result
-            if self.config.federation.clip_update_norm > 0:
+            if self.config.federation.clip_update_norm > 0 or self.fed.privacy.central:
                 references[cid] = self._reference(result, payload, self.store.get(cid), head_payload)
         return outcomes, references
 
@@ -443,6 +486,7 @@ class Simulation:
             "trainable_params": self.trainable_params,
             "algorithm_meta": meta,
             "reported": {str(c): r for c, r in self.reported.items()},
+            "privacy": self.fed.privacy.state_dict(),
         }
         files = {
             "algorithm.safetensors": save_tensors({k: v.contiguous() for k, v in tensors.items()}),
@@ -479,6 +523,8 @@ class Simulation:
         self.elapsed = float(state["elapsed"])
         self.trainable_params = int(state["trainable_params"])
         self.reported = {int(c): dict(r) for c, r in state.get("reported", {}).items()}
+        if "privacy" in state:
+            self.fed.privacy.load_state_dict(state["privacy"])
         self.restored_from = path
 
     def resume(self, *, last_good: bool = False) -> None:
@@ -501,8 +547,8 @@ class Simulation:
         """Run the remaining rounds and write ``summary.json``; return the summary."""
         for rnd in range(self.next_round, self.config.run.rounds):
             self.run_round(rnd)
-        summary = summarize(
-            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.reported
-        )
+        summary = summarize(self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.reported)
+        if self.fed.privacy.enabled:
+            summary["privacy"] = self.fed.privacy.summary(self.config.algorithm_name)
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from fedlora.client import ClientContext
 from fedlora.config import Config, from_dict
 from fedlora.errors import FedLoraError
+from fedlora.flower.secagg import add_fit_result, client_weight, is_secure_round, secaggplus_when_asked
 from fedlora.flower.wire import QUERY_PARTITION, from_record, read_train, reply_content, to_record
 
 #: Flower's own logger, so that fedlora's lines appear in the SuperNode's log.
@@ -79,7 +80,7 @@ def data_file(context: Context) -> str | None:
     return str(value) if value else None
 
 
-app = ClientApp()
+app = ClientApp(mods=[secaggplus_when_asked])
 
 
 @app.query(QUERY_PARTITION.split(".", 1)[1])
@@ -103,4 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     outcome = client_round(ctx, work.rnd, work.payload, private, work.head, work.evaluate)
     state: ArrayRecord = to_record(outcome.private)
     context.state[key] = state
-    return Message(reply_content(outcome), reply_to=msg)
+    reply = reply_content(outcome)
+    if is_secure_round(msg.content):
+        add_fit_result(reply, outcome, client_weight(work.config_toml, outcome.update.num_examples))
+    return Message(reply, reply_to=msg)

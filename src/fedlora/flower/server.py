@@ -68,16 +68,31 @@ class FlowerRun(Simulation):
         self.config_toml = config.to_toml()
         #: fedlora client id -> Flower node id
         self.nodes: dict[int, int] = {}
+        #: partition queries not answered yet: message id -> node id
+        self.asked: dict[str, int] = {}
 
     # --- nodes ------------------------------------------------------------------------
     def map_new_nodes(self) -> None:
-        """Ask every node not yet mapped which fedlora client it is."""
-        known = set(self.nodes.values())
+        """Ask every node not yet mapped which fedlora client it is.
+
+        A node is asked once: a query that times out stays pending and its reply is read
+        by a later call. (A second query queued behind the first would reach the node
+        later with its context as it was when queued, and the simulation engine would
+        write that stale context back over what the node stored in between.)
+        """
+        known = set(self.nodes.values()) | set(self.asked.values())
         new = [n for n in self.grid.get_node_ids() if n not in known]
-        if not new:
+        if new:
+            queries = [
+                Message(RecordDict({"q": ConfigRecord()}), dst_node_id=n, message_type=QUERY_PARTITION) for n in new
+            ]
+            self.asked.update({i: n for i, n in zip(self.grid.push_messages(queries), new, strict=True) if i})
+        if not self.asked:
             return
-        queries = [Message(RecordDict({"q": ConfigRecord()}), dst_node_id=n, message_type=QUERY_PARTITION) for n in new]
-        for reply in self._exchange(queries, timeout=30.0).values():
+        replies = self._pull(set(self.asked), timeout=30.0)
+        for message_id in replies:
+            self.asked.pop(message_id, None)
+        for reply in replies.values():
             if reply.has_error():
                 continue
             cid = as_int(reply.content.config_records["partition"]["partition-id"])
@@ -151,7 +166,10 @@ class FlowerRun(Simulation):
         """Push messages and pull their replies (keyed by the id of the message they answer)."""
         if not messages:
             return {}
-        pending = {i for i in self.grid.push_messages(messages) if i}
+        return self._pull({i for i in self.grid.push_messages(messages) if i}, timeout)
+
+    def _pull(self, pending: set[str], timeout: float | None) -> dict[str, Message]:
+        """Pull the replies to the messages ``pending`` (ids) until all came or ``timeout`` passed."""
         replies: dict[str, Message] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending and (deadline is None or time.monotonic() < deadline):
@@ -169,7 +187,10 @@ def run_flower(grid: Grid, config: Config, out_dir: Path, options: ServerOptions
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.toml").write_text(config.to_toml())
-    run = FlowerRun(config, out_dir, grid, options)
+    from fedlora.flower.secagg import SecAggFlowerRun
+
+    run_class = SecAggFlowerRun if config.privacy.secure_aggregation else FlowerRun
+    run = run_class(config, out_dir, grid, options)
     run.connect()
     summary = run.run()
     draw_run(out_dir)
