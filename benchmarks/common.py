@@ -13,8 +13,8 @@ from fedlora.errors import FedLoraError
 
 ROOT = Path(__file__).parent.parent
 
-#: The option that sets the local warmup length, for the algorithms that have one.
-WARMUP_OPTION = {"fedtreelora": "warmup_rounds", "fedlease": "warmup"}
+#: The algorithms with a local warmup (its length is their option ``warmup_rounds``).
+WARMUP_ALGORITHMS = {"fedtreelora", "fedlease"}
 
 
 def int_list(text: str) -> list[int]:

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_OPTION, accuracies, add_federation_arguments, federation_overrides, mean_std, run_config
+from common import WARMUP_ALGORITHMS, accuracies, add_federation_arguments, federation_overrides, mean_std, run_config
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -57,7 +57,7 @@ def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str)
             steps=n * args.steps,
         )
         return [*pooled, "algorithm.name='local'"]
-    warmup = [f"algorithm.{WARMUP_OPTION[algorithm]}={args.warmup_rounds}"] if algorithm in WARMUP_OPTION else []
+    warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if algorithm in WARMUP_ALGORITHMS else []
     return [*federation_overrides(args, dataset, seed, alpha=args.alpha), f"algorithm.name='{algorithm}'", *warmup]
 
 

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_OPTION
+from common import WARMUP_ALGORITHMS
 from fedlora.algorithms import registry
 from fedlora.cli import run_one
 from fedlora.config import load_config
@@ -76,7 +76,7 @@ def main() -> None:
         if algo not in known:
             print(f"skipping {algo}: not registered in this checkout")
             continue
-        warmup = [f"algorithm.{WARMUP_OPTION[algo]}={args.warmup_rounds}"] if algo in WARMUP_OPTION else []
+        warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if algo in WARMUP_ALGORITHMS else []
         config = load_config(Path(args.config), [*args.set, f"algorithm.name='{algo}'", *warmup])
         summaries[algo] = run_one(config, out / algo, resume=False, overwrite=True, quiet=True)
         print(f"{algo}: {summaries[algo]['wall_seconds']:.0f} s", flush=True)

@@ -120,3 +120,23 @@ def test_unknown_algorithm_and_option_are_clear_errors() -> None:
 def test_homogeneous_methods_reject_mixed_ranks() -> None:
     with pytest.raises(FedLoraError, match="one rank"):
         build("fedit", make_ctx({0: 1, 1: 1}, ranks={0: 2, 1: 4}))
+
+
+def test_fedex_configure_reads_server_state_without_changing_it() -> None:
+    """A retried round configures again and is charged the same bytes: before this fix the first
+    configure marked the dense base as delivered, so the retry was counted without it."""
+    algo = build("fedex", make_ctx({0: 1, 1: 1}, rank=1))
+    lora = {k: v for k, v in algo.configure(0, [0])[0].tensors.items() if not k.endswith(".dW")}
+    factor_bytes = sum(v.numel() * 4 for v in lora.values())
+    dense_bytes = 2 * 3 * 4  # one module, d_out 2 x d_in 3
+    assert {c: p.wire_bytes for c, p in algo.configure(0, [0, 1]).items()} == {0: factor_bytes, 1: factor_bytes}
+    algo.aggregate(0, {c: Update({k: v + c + 1 for k, v in lora.items()}, 1) for c in (0, 1)})
+    first = {c: p.wire_bytes for c, p in algo.configure(1, [0, 1]).items()}
+    again = {c: p.wire_bytes for c, p in algo.configure(1, [0, 1]).items()}
+    assert first == again == {0: factor_bytes + dense_bytes, 1: factor_bytes + dense_bytes}
+
+
+def test_a_renamed_option_names_its_new_key() -> None:
+    with pytest.raises(FedLoraError, match=r"algorithm\.warmup is now called algorithm\.warmup_rounds"):
+        parse_options(get_algorithm("fedlease"), {"warmup": 2})
+    assert parse_options(get_algorithm("fedlease"), {"warmup_rounds": 2}).warmup_rounds == 2  # type: ignore[attr-defined]

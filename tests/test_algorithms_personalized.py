@@ -111,7 +111,8 @@ def test_fedex_bytes_count_one_dense_residual_per_pending_update() -> None:
     algo.aggregate(0, {c: Update(lora("lora", A3[c], B3[c]), N3[c]) for c in (0, 1)})
     dense = 2 * 3 * 4
     assert algo.configure(1, [0])[0].download_bytes() == A_BYTES + B_BYTES + dense
-    assert algo.configure(2, [0])[0].download_bytes() == A_BYTES + B_BYTES  # already holds that base
+    # No update came back since (configure changes no server state): the base is still pending.
+    assert algo.configure(2, [0])[0].download_bytes() == A_BYTES + B_BYTES + dense
     algo.aggregate(2, {0: Update(lora("lora", A3[2], B3[0]), 1)})
     # Client 2 missed two residuals: they reach it summed into one dense matrix.
     assert algo.configure(3, [2])[2].download_bytes() == A_BYTES + B_BYTES + dense
@@ -170,12 +171,14 @@ def test_feddpa_averages_the_global_adapter_and_keeps_the_local_one() -> None:
 
 def test_feddpa_similarity_weights_and_fixed_option() -> None:
     features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
-    weights = SimilarityWeighting().slot_weights(features, torch.tensor([1.0, 0.0]))
+    weights = SimilarityWeighting({"test_weighting": "instance"}).slot_weights(features, torch.tensor([1.0, 0.0]))
     # cos = 1, 0, -1 -> local weight (1 + cos) / 2 = 1, 0.5, 0
     assert_close(weights["local"], torch.tensor([1.0, 0.5, 0.0]))
     assert_close(weights["global"], torch.tensor([0.0, 0.5, 1.0]))
+    instance = build("feddpa", make_ctx(N3)).configure(0, [0])[0]
+    assert SimilarityWeighting(instance.instruction).weights_instances
     fixed = build("feddpa", make_ctx(N3), test_weighting="fixed", local_weight=0.25).configure(0, [0])[0]
-    assert fixed.instance_weighting is None
+    assert not SimilarityWeighting(fixed.instruction).weights_instances
     assert [s.weight for s in fixed.layout.modules[MID].slots] == [0.75, 0.25]
     with pytest.raises(FedLoraError, match="in \\[0, 1\\]"):
         build("feddpa", make_ctx(N3), local_weight=1.5)
@@ -246,7 +249,7 @@ A4 = [A3[0], A3[1], A3[2], A3[0]]
 
 
 def test_fedlease_clusters_on_b_and_averages_within_clusters() -> None:
-    algo = build("fedlease", make_ctx(N4), warmup=2, max_clusters=3)
+    algo = build("fedlease", make_ctx(N4), warmup_rounds=2, max_clusters=3)
     early = algo.configure(0, [0, 1, 2, 3])
     assert early[0].upload == () and early[0].download_bytes() == 0  # local warmup
     last = algo.configure(1, [0, 1, 2, 3])[0]
@@ -293,11 +296,11 @@ def test_fedlease_distance_and_small_federations() -> None:
     )
     assert cluster_by_silhouette(dist[:2, :2], 4) == ([0, 0], {})
     with pytest.raises(FedLoraError, match="at least 1 round"):
-        build("fedlease", make_ctx(N4), warmup=0)
+        build("fedlease", make_ctx(N4), warmup_rounds=0)
 
 
 def test_resume_state_round_trips() -> None:
-    for name, options in (("fedalt", {}), ("fedlease", {"warmup": 1}), ("fedex", {}), ("feddpa", {})):
+    for name, options in (("fedalt", {}), ("fedlease", {"warmup_rounds": 1}), ("fedex", {}), ("feddpa", {})):
         algo = build(name, make_ctx(N4), **options)
         slot = {"fedalt": "local", "fedlease": "lora", "fedex": "lora", "feddpa": "global"}[name]
         extra = _router(1.0) if name == "fedalt" else {}

@@ -13,11 +13,12 @@ pytest.importorskip("flwr")
 
 from fedlora.algorithms import Update, registry
 from fedlora.cli import main
+from fedlora.client import ClientOutcome
 from fedlora.config import load_config
 from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
-from fedlora.flower.wire import from_record, read_reply, record_bytes, reply_content, to_record
-from fedlora.simulation import ClientOutcome
+from fedlora.flower.wire import from_record, read_reply, reply_content, to_record
+from fedlora.lora import num_bytes
 from fedlora.tasks import EvalResult
 
 ROOT = Path(__file__).parent.parent
@@ -49,13 +50,13 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert b == a, where
 
 
-def test_records_are_exact_and_counted_without_framing() -> None:
+def test_records_are_exact() -> None:
     tensors = {"layers.0.query.lora.A": torch.randn(4, 32), "head.bias": torch.tensor([0.5, -1.0])}
     record = to_record(tensors)
     back = from_record(record)
     for key, value in tensors.items():
         assert torch.equal(back[key], value)
-    assert record_bytes(record) == (4 * 32 + 2) * 4
+    assert num_bytes(back) == (4 * 32 + 2) * 4
 
 
 def test_a_reply_carries_the_whole_evaluation() -> None:
@@ -71,36 +72,53 @@ def test_a_reply_carries_the_whole_evaluation() -> None:
     )
     update = Update({"layers.0.query.lora.A": torch.ones(2, 3)}, 7, {"train_loss": 0.5})
     row = {"round": 1, "client": 2, "acc": 0.625, "bytes_up": 0}
-    outcome = ClientOutcome(update, {}, {"private.x": torch.zeros(1)}, row, result, 6)
+    received = EvalResult(correct=1.0, loss_sum=1.5, n=2, slot_weight_sums={"local": 0.5})
+    outcome = ClientOutcome(update, {}, {"private.x": torch.zeros(1)}, row, result, 6, received)
     back = read_reply(reply_content(outcome))
-    assert back.result == result
+    assert back.result == result and back.received == received
     assert back.private == {} and back.trainable_params == 6
     assert back.update.num_examples == 7 and back.update.metrics == {"train_loss": 0.5}
-    assert back.row == {**row, "bytes_up": 2 * 3 * 4}
+    assert back.row == row  # the server counts the bytes (fedlora.traffic), as in the simulator
 
 
-def test_instance_weighting_crosses_the_wire_and_nothing_else_does() -> None:
-    from fedlora.algorithms.feddpa import SimilarityWeighting
-    from fedlora.errors import FedLoraError
-    from fedlora.flower.wire import weighting_from_json, weighting_to_json
+def test_a_payload_crosses_the_wire_with_its_lr_multipliers() -> None:
+    from fedlora.algorithms import Payload
+    from fedlora.flower.wire import read_train, train_content
+    from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
 
-    back = weighting_from_json(weighting_to_json(SimilarityWeighting()))
-    assert isinstance(back, SimilarityWeighting)
+    layout = Layout.uniform([ModuleId(0, "query")], ModuleLayout(slots=(SlotSpec("lora", 2, 4.0),)))
+    payload = Payload(layout, {"layers.0.query.lora.A": torch.ones(2, 3)}, lr_multipliers={"*.mix.theta": 10.0})
+    work = read_train(train_content("[run]\n", 3, 1, payload, {}, True))
+    assert work.payload.lr_multipliers == {"*.mix.theta": 10.0} and work.rnd == 3 and work.client == 1
+    assert torch.equal(work.payload.tensors["layers.0.query.lora.A"], torch.ones(2, 3))
+
+
+def test_the_instruction_crosses_the_wire_as_plain_values() -> None:
+    """FedDPA's client behaviour travels as a JSON instruction; the client builds the hooks
+    class it finds in its own registry (never a class named in the message)."""
+    from fedlora.algorithms import Payload
+    from fedlora.algorithms.feddpa import FedDpa, SimilarityWeighting
+    from fedlora.flower.wire import read_train, train_content
+    from fedlora.lora import Layout
+
+    payload = Payload(Layout({}), {}, instruction={"test_weighting": "instance", "mu": [0.5, 1]})
+    meta = train_content("[run]\n", 0, 0, payload, {}, True).config_records["fedlora"]
+    assert "class" not in str(meta["instruction"]) and "feddpa" not in str(meta["instruction"])
+    work = read_train(train_content("[run]\n", 0, 0, payload, {}, True))
+    assert work.payload.instruction == {"test_weighting": "instance", "mu": [0.5, 1]}
+    hooks = FedDpa.client_hooks(work.payload.instruction)
+    assert isinstance(hooks, SimilarityWeighting) and hooks.weights_instances
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    weights = back.slot_weights(features, torch.tensor([1.0, 0.0]))  # cos = 1 and 0
+    weights = hooks.slot_weights(features, torch.tensor([1.0, 0.0]))  # cos = 1 and 0
     assert weights["local"].tolist() == [1.0, 0.5] and weights["global"].tolist() == [0.0, 0.5]
-    assert weighting_from_json(None) is None
-    with pytest.raises(FedLoraError, match="not a fedlora class"):
-        weighting_from_json({"class": "os:system", "fields": {}})
-    with pytest.raises(FedLoraError, match="not an InstanceWeighting"):
-        weighting_from_json({"class": "fedlora.config:Config", "fields": {}})
 
 
 ALGORITHMS = sorted(registry())
 #: Per algorithm, what makes two rounds exercise it: clustering after one warmup round, mixed ranks.
 EXTRA = {
-    "fedlease": ["algorithm.warmup=1"],
-    "fedtreelora": ["algorithm.warmup_rounds=1"],
+    "fedlease": ["algorithm.warmup_rounds=1"],
+    # fixed_k = 2: every layer splits the 3 clients, so every module mixes two experts by a lambda.
+    "fedtreelora": ["algorithm.warmup_rounds=1", "algorithm.fixed_k=2"],
     **{name: ["model.ranks=[2,4]"] for name in ("zeropad", "hetlora", "flexlora", "flora", "fedhl")},
 }
 
@@ -132,6 +150,10 @@ def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, 
         assert_same(sim_summary[key], flower_summary[key], key)
     assert flower_summary["bytes_up_total"] > 0 or algorithm == "local"
     assert flower_summary["failures"] == []
+    if algorithm == "fedtreelora":  # lambdas reach the summary through the clients' reports
+        lambdas = flower_summary["structure"]["lambdas"]
+        assert set(lambdas) == {"0", "1", "2"} and all(len(m) == 4 for m in lambdas.values())
+        assert all(0.0 < v < 1.0 and v != 0.5 for m in lambdas.values() for v in m.values())
     assert (flower_dir / "plots" / "learning_curves.png").is_file()
     if algorithm == "fedhl":
         # A Flower run's checkpoints restore like the simulator's: the same model, scored per class.

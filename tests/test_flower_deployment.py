@@ -83,7 +83,44 @@ class Deployment:
     root: Path
     env: dict[str, str]
     link_port: int
+    ca_cert: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_nodes(self, node_configs: list[str]) -> None:
+        """One SuperNode per node config (``supernode0``, ``supernode1``, ...)."""
+        for i, node_config in enumerate(node_configs):
+            self.start(
+                f"supernode{i}",
+                "flower-supernode",
+                "--root-certificates",
+                str(self.ca_cert),
+                "--superlink",
+                f"{HOST}:{self.link_port}",
+                "--host",
+                HOST,
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            )
+        wait_until(
+            lambda: all("SuperNode ID" in self.log(f"supernode{i}") for i in range(len(node_configs))),
+            180,
+            lambda: self.log("superlink")[-3000:] + self.log("supernode0")[-3000:],
+        )
+
+    def flwr_run(self, config: Path, out: Path) -> None:
+        """``flwr run`` of the fedlora app on this deployment (``--stream``: the ServerApp's log comes back)."""
+        self.start(
+            "flwr-run",
+            "flwr",
+            "run",
+            str(ROOT / "flower_app"),
+            "loopback",
+            "--stream",
+            "--run-config",
+            f"config='{config}' out='{out}' round-timeout=400.0 node-wait=120.0",
+        )
 
     def start(self, name: str, *args: str) -> None:
         log = (self.root / f"{name}.log").open("wb")
@@ -120,7 +157,7 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    dep = Deployment(tmp_path, env, port)
+    dep = Deployment(tmp_path, env, port, certs.ca_cert)
     try:
         dep.start(
             "superlink",
@@ -137,21 +174,6 @@ def deployment(tmp_path: Path, shared_cache_dir: Path) -> Iterator[Deployment]:
             str(port),
             "--disable-runtime-dependency-installation",
         )
-        for i in range(2):
-            dep.start(
-                f"supernode{i}",
-                "flower-supernode",
-                "--root-certificates",
-                str(certs.ca_cert),
-                "--superlink",
-                f"{HOST}:{port}",
-                "--host",
-                HOST,
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"partition-id={i} num-partitions=2",
-            )
         yield dep
     finally:
         for proc in dep.procs.values():
@@ -168,22 +190,8 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     config = dep.root / "run.toml"
     config.write_text(CONFIG)
     out = dep.root / "out"
-    wait_until(
-        lambda: all("SuperNode ID" in dep.log(f"supernode{i}") for i in range(2)),
-        180,
-        lambda: dep.log("superlink")[-3000:] + dep.log("supernode0")[-3000:],
-    )
-    # --stream keeps `flwr run` attached: the ServerApp's log comes back through it.
-    dep.start(
-        "flwr-run",
-        "flwr",
-        "run",
-        str(ROOT / "flower_app"),
-        "loopback",
-        "--stream",
-        "--run-config",
-        f"config='{config}' out='{out}' round-timeout=400.0 node-wait=120.0",
-    )
+    dep.start_nodes([f"partition-id={i} num-partitions=2" for i in range(2)])
+    dep.flwr_run(config, out)
     deadline = time.monotonic() + 600
     killed = False
     finished = out / "plots" / "learning_curves.png"  # written last, after summary.json
@@ -219,3 +227,38 @@ def test_tls_deployment_survives_a_client_dying_mid_round(deployment: Deployment
     server_log = dep.log("flwr-run")
     assert "Successfully started run" in server_log
     assert "client 1" in server_log and "left out" in server_log, server_log[-3000:]
+
+
+def write_silo(path: Path, n: int, offset: int) -> Path:
+    """A silo's own CSV: ``n`` examples, both labels."""
+    lines = ["text,label"] + [f"silo text {offset + i},{'pos' if i % 2 else 'neg'}" for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_each_node_trains_on_its_own_file(deployment: Deployment) -> None:
+    """Cross-silo: two SuperNodes with different files (25 and 40 rows); the server's config names
+    a third file (its global test set and label names). Each node's update reports its own file's
+    training examples, and each node's ClientApp only ever opened its own file."""
+    dep = deployment
+    silos = [write_silo(dep.root / f"silo{i}" / "data.csv", n, 1000 * i) for i, n in enumerate((25, 40))]
+    server_data = write_silo(dep.root / "server" / "data.csv", 20, 5000)
+    config = dep.root / "run.toml"
+    config.write_text(CONFIG.replace("[data]\n", f'[data]\ndataset = "csv:{server_data}"\npartition = "iid"\n'))
+    out = dep.root / "out"
+    dep.start_nodes([f"partition-id={i} num-partitions=2 data-file='{silos[i]}'" for i in range(2)])
+    dep.flwr_run(config, out)
+    finished = out / "plots" / "learning_curves.png"
+    wait_until(lambda: finished.is_file(), 600, lambda: dep.log("flwr-run")[-5000:] + dep.log("supernode0")[-3000:])
+    clients = [r for r in rows(out / "metrics.jsonl") if r["client"] is not None]
+    # test_fraction 0.2: 25 rows -> 20 train + 5 test; 40 rows -> 32 train + 8 test (cap 32).
+    assert {(r["client"], r["n_train"], r["n"]) for r in clients} == {(0, 20, 5), (1, 32, 8)}
+    aggregates = [r for r in rows(out / "metrics.jsonl") if r["client"] is None]
+    assert [r["failures"] for r in aggregates] == [[], []]
+    assert all(r["personalized_acc_mean_received"] is not None for r in aggregates)
+    for i, silo in enumerate(silos):
+        node_log = dep.log(f"supernode{i}")
+        assert f"client {i} builds its context from its own file {silo}" in node_log, node_log[-3000:]
+        assert str(silos[1 - i]) not in node_log and str(server_data) not in node_log

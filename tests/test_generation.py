@@ -269,7 +269,8 @@ def test_nlg_resume_is_bit_identical_and_compare_has_group_columns(tmp_path: Pat
     summary = json.loads((straight / "summary.json").read_text())
     table, data = comparison_table({"fedit": [summary]})
     header = table.splitlines()[0]
-    assert "personalized rouge1 (final)" in header and "headline rouge1 (final)" in header
+    assert "personalized rouge1 trained (final)" in header and "headline rouge1 trained (final)" in header
+    assert "personalized rouge1 received (final)" in header and "headline rouge1 received (final)" in header
     assert len(table.splitlines()[1].split("|")) == len(header.split("|"))
     assert set(data["fedit"]["personalized_groups_final"]) == {"headline", "qa", "sentiment", "topic"}
 

@@ -55,7 +55,7 @@ def test_smoke_fedex_counts_the_dense_residual(tmp_path: Path) -> None:
 
 
 def test_smoke_fedlease_structure(tmp_path: Path) -> None:
-    _, summary, rows = _run(tmp_path, "fedlease", "algorithm.warmup=1")
+    _, summary, rows = _run(tmp_path, "fedlease", "algorithm.warmup_rounds=1")
     m = summary["structure"]["num_clusters"]
     assert 2 <= m <= 3 and sorted(summary["structure"]["clusters"]) == ["0", "1", "2", "3"]
     assert {r["bytes_down"] for r in rows if r["round"] == 0} == {0}

@@ -222,6 +222,7 @@ def test_report_compare_draws_several_runs(tmp_path: Path) -> None:
     assert run_curves(a) == {
         "algorithm": "local",
         "metric": "accuracy",
+        "protocol": "trained",
         "rounds": [1, 3],
         "score": [0.5, 0.75],
         "loss": [1.5, 1.25],

@@ -205,7 +205,10 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     label = metric_label(summary)
     parts = [f"{summary['algorithm']}: {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s"]
     if acc is not None:
-        parts.append(f"personalized {label} {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+        parts.append(f"personalized {label} trained {acc:.4f} ± {final['personalized_acc_std']:.4f}")
+    received = final.get("personalized_acc_mean_received")
+    if received is not None:
+        parts.append(f"personalized {label} received {received:.4f} ± {final['personalized_acc_std_received']:.4f}")
     if glob is not None:
         parts.append(f"global {label} {glob:.4f}")
     print("; ".join(parts))
@@ -276,7 +279,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table, data = comparison_table(summaries)
     header = (
         f"# Comparison: {base.data.dataset}, {base.model.name}, {base.data.num_clients} clients, "
-        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several).\n\n"
+        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several). "
+        "Personalized scores by protocol: *trained* = each client after its local training, *received* = "
+        "each client on the model it was sent, before training (eval.personalized).\n\n"
     )
     (out / "comparison.md").write_text(header + table)
     (out / "comparison.json").write_text(json.dumps(data, indent=2))

@@ -70,9 +70,14 @@ class FederationConfig:
     clip_update_norm: float = 0.0
 
 
+#: Values of ``eval.personalized``: when a sampled client is scored on its own test split.
+PERSONALIZED_PROTOCOLS = ("received", "trained", "both")
+
+
 @dataclass
 class EvalConfig:
     every: int = 1
+    personalized: str = "both"
     max_new_tokens: int = 32
 
 
@@ -193,6 +198,11 @@ def validate(config: Config) -> None:
             "of the round's median update norm, e.g. 3",
         ),
         (config.eval.every >= 0, "eval.every must be >= 0 (0 = never evaluate)"),
+        (
+            config.eval.personalized in PERSONALIZED_PROTOCOLS,
+            f"eval.personalized = {config.eval.personalized!r}: use 'received' (score each client on the model it "
+            "is sent, before local training), 'trained' (after local training) or 'both'",
+        ),
         (config.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1 (tokens generated per answer)"),
     ]
     for ok, message in checks:

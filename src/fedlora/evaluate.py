@@ -126,7 +126,7 @@ def evaluate_run(run_dir: Path, *, client: int | None = None) -> Evaluation:
     ranks = fed.ctx.ranks
     classes = []
     for k, name in enumerate(fed.dataset.label_names):
-        result = fed.runner.evaluate(test[labels[test] == k], reference)
+        result = fed.runner.evaluate(test[labels[test] == k], reference, restored.hooks)
         by_rank: dict[int, int] = {}
         for c in holders:
             count = int(np.sum(labels[fed.splits[c].train] == k))

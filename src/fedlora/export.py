@@ -34,7 +34,7 @@ from fedlora.lora import LoraModel, ModuleId, PeftAdapter, adapter_from_slots, s
 from fedlora.models import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from fedlora.algorithms import Payload
+    from fedlora.algorithms import ClientHooks, Payload
     from fedlora.simulation import Simulation
 
 
@@ -48,6 +48,11 @@ class RestoredModel:
     @property
     def algorithm(self) -> str:
         return self.sim.fed.config.algorithm_name
+
+    @property
+    def hooks(self) -> ClientHooks:
+        """The algorithm's client hooks for the restored payload (its test-time behaviour)."""
+        return self.sim.fed.algorithm.client_hooks(self.payload.instruction)
 
 
 def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
@@ -81,7 +86,7 @@ def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
 def _load_result(run_dir: Path, client: int | None) -> tuple[LoadedModel, LoraModel, str]:
     """Restore the model to export; refuse input-dependent mixing, which no export can hold."""
     restored = restore_model(run_dir, client)
-    if restored.payload.instance_weighting is not None:
+    if restored.hooks.weights_instances:
         raise FedLoraError(
             f"{restored.algorithm} weights its adapters per input at test time; that is neither a LoRA nor a "
             "merged model (for feddpa, run with algorithm.test_weighting='fixed' to export one)"

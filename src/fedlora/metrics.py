@@ -8,6 +8,13 @@ hold ``personalized_acc_mean/std/min/weighted``, ``personalized_loss_mean``,
 update was aggregated), ``failures`` (``{"round", "client", "attempt", "error",
 "message"}`` per dropped client) and ``clipped`` (``{"client", "scale"}``).
 
+Two evaluation protocols (``eval.personalized``): "trained" scores each sampled client
+on its test split after local training (the unsuffixed keys above); "received" scores it
+on the model it was sent, before local training, under the same keys followed by
+``_received`` (client rows: ``acc_received``, ``loss_received``, ...; aggregates:
+``personalized_acc_mean_received``, ..., ``personalized_loss_mean_received``). A
+protocol that was not run leaves its aggregate keys null and its client keys absent.
+
 Generation (causal LM) runs score by ROUGE-1 F1, reported in the ``acc`` fields
 (``personalized_acc_mean`` is the mean ROUGE-1 over clients). Their client rows add the
 means ``rouge1``, ``rouge2``, ``rougeL``, ``exact_match``, ``groups`` (per task group:
@@ -22,16 +29,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from fedlora.algorithms.base import LAMBDA_REPORT
 from fedlora.checkpoint import write_atomic
 from fedlora.errors import FedLoraError
-from fedlora.lora import MIX_SLOT, parse_key
 from fedlora.tasks import EvalResult, group_means, pool_groups
 
 if TYPE_CHECKING:
@@ -112,6 +118,38 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: Suffix of the keys of the "received" evaluation protocol (``acc_received``,
+#: ``personalized_acc_mean_received``, ...): each client scored on the model it is sent,
+#: before local training. Unsuffixed keys are the "trained" protocol (after local training).
+RECEIVED = "_received"
+
+
+def personalized_fields(results: Sequence[EvalResult], suffix: str = "") -> dict[str, Any]:
+    """The ``personalized_*`` fields of a round aggregate over the clients' evaluations
+    (all None when there are none), each key followed by ``suffix``."""
+    row: dict[str, Any] = {
+        f"personalized_{name}{suffix}": None for name in ("acc_mean", "acc_std", "acc_min", "acc_weighted", "loss_mean")
+    }
+    evaluated = [r for r in results if r.n > 0]
+    if not evaluated:
+        return row
+    accs = np.array([r.acc for r in evaluated])
+    row.update(
+        {
+            f"personalized_acc_mean{suffix}": float(accs.mean()),
+            f"personalized_acc_std{suffix}": float(accs.std()),
+            f"personalized_acc_min{suffix}": float(accs.min()),
+            f"personalized_acc_weighted{suffix}": sum(r.correct for r in evaluated) / sum(r.n for r in evaluated),
+            f"personalized_loss_mean{suffix}": float(np.mean([r.loss for r in evaluated])),
+        }
+    )
+    for name in evaluated[0].metric_sums:
+        row[f"personalized_{name}_mean{suffix}"] = float(np.mean([r.metric_sums[name] / r.n for r in evaluated]))
+    if evaluated[0].groups:
+        row[f"personalized_groups{suffix}"] = group_means(pool_groups(evaluated))
+    return row
+
+
 def round_aggregate(
     rnd: int,
     client_rows: Sequence[Mapping[str, Any]],
@@ -120,9 +158,12 @@ def round_aggregate(
     seconds: float,
     failures: Sequence[Mapping[str, Any]] = (),
     clipped: Mapping[int, float] | None = None,
+    received: Mapping[int, EvalResult] | None = None,
 ) -> dict[str, Any]:
     """The ``client: null`` row of a round.
 
+    ``results`` are the clients' evaluations after local training and ``received`` those
+    of the models they were sent, before training (keys suffixed ``_received``);
     ``failures`` lists the clients whose update was dropped (an exception, or an update
     rejected by validation); ``clipped`` maps clients whose update norm was clipped to the
     scale applied.
@@ -135,30 +176,13 @@ def round_aggregate(
         "bytes_up": int(sum(r["bytes_up"] for r in client_rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in client_rows)),
         "seconds": seconds,
-        "personalized_acc_mean": None,
-        "personalized_acc_std": None,
-        "personalized_acc_min": None,
-        "personalized_acc_weighted": None,
-        "personalized_loss_mean": None,
+        **personalized_fields(list((results or {}).values())),
+        **personalized_fields(list((received or {}).values()), RECEIVED),
         "global_acc": global_result.acc if global_result else None,
         "global_loss": global_result.loss if global_result else None,
         "failures": [dict(f) for f in failures],
         "clipped": [{"client": c, "scale": s} for c, s in sorted((clipped or {}).items())],
     }
-    evaluated = [r for r in (results or {}).values() if r.n > 0]
-    if evaluated:
-        accs = np.array([r.acc for r in evaluated])
-        row.update(
-            personalized_acc_mean=float(accs.mean()),
-            personalized_acc_std=float(accs.std()),
-            personalized_acc_min=float(accs.min()),
-            personalized_acc_weighted=sum(r.correct for r in evaluated) / sum(r.n for r in evaluated),
-            personalized_loss_mean=float(np.mean([r.loss for r in evaluated])),
-        )
-        for name in evaluated[0].metric_sums:
-            row[f"personalized_{name}_mean"] = float(np.mean([r.metric_sums[name] / r.n for r in evaluated]))
-        if evaluated[0].groups:
-            row["personalized_groups"] = group_means(pool_groups(evaluated))
     if global_result is not None and global_result.n and global_result.metric_sums:
         for name, total in global_result.metric_sums.items():
             row[f"global_{name}"] = total / global_result.n
@@ -166,18 +190,29 @@ def round_aggregate(
     return row
 
 
+def best_round(rows: Sequence[Mapping[str, Any]], suffix: str = "") -> dict[str, Any] | None:
+    """``{"round", "row"}`` of the aggregate row with the highest personalized mean score of
+    a protocol (``suffix`` "" for trained, ``_received``); None if it was never evaluated."""
+    key = f"personalized_acc_mean{suffix}"
+    evaluated = [r for r in rows if r.get(key) is not None]
+    if not evaluated:
+        return None
+    best = max(evaluated, key=lambda r: float(r[key]))
+    return {"round": best["round"], "row": dict(best)}
+
+
 def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if r.get("client") is None]
 
 
-def client_lambdas(private: Iterable[tuple[int, Mapping[str, torch.Tensor]]]) -> dict[str, dict[str, float]]:
-    """``sigmoid(theta)`` of every private mixing scalar, per client and module prefix."""
+def client_lambdas(reported: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """The mixing weights clients reported (``lambda/<module>`` in their update metrics),
+    per client and module prefix: each client's latest report."""
     out: dict[str, dict[str, float]] = {}
-    for client, tensors in private:
-        for key, value in tensors.items():
-            if key.endswith(f".{MIX_SLOT}.theta"):
-                module = parse_key(key).module_id.prefix()
-                out.setdefault(str(client), {})[module] = float(torch.sigmoid(value))
+    for client, metrics in sorted(reported.items()):
+        for key, value in metrics.items():
+            if key.startswith(LAMBDA_REPORT):
+                out.setdefault(str(client), {})[key.removeprefix(LAMBDA_REPORT)] = float(value)
     return out
 
 
@@ -187,19 +222,23 @@ def summarize(
     rows: Sequence[Mapping[str, Any]],
     wall_seconds: float,
     trainable_params: int,
-    private: Iterable[tuple[int, Mapping[str, torch.Tensor]]] = (),
+    reported: Mapping[int, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """``summary.json``: the run's identity, final and best rows, totals and structure.
 
-    ``private`` is the clients' private state; learnable mixing scalars found there go into
-    ``structure["lambdas"]`` (per client and module), since the server never sees them.
+    ``personalized`` names the evaluation protocol(s) of the run; ``best`` is the round with
+    the best personalized score after local training ("trained") and ``best_received`` the
+    best before it ("received"); either is None when its protocol was not run. ``final``
+    holds both protocols' keys (``personalized_*`` and ``personalized_*_received``).
+
+    ``reported`` holds each client's latest reported metrics; the mixing weights among them
+    (``lambda/<module>``, see :class:`~fedlora.algorithms.base.ReportLambdas`) go into
+    ``structure["lambdas"]`` per client and module: the server never sees theta itself.
     """
     agg = aggregate_rows(rows)
-    evaluated = [r for r in agg if r["personalized_acc_mean"] is not None]
-    best = max(evaluated, key=lambda r: r["personalized_acc_mean"]) if evaluated else None
     total_params = fed.lora_model.base_param_count() + trainable_params
     structure = fed.algorithm.structure()
-    lambdas = client_lambdas(private)
+    lambdas = client_lambdas(reported or {})
     if lambdas:
         structure = {**structure, "lambdas": lambdas}
     return {
@@ -211,7 +250,9 @@ def summarize(
         "seed": config.run.seed,
         "metric": fed.runner.objective.metric,
         "final": agg[-1] if agg else None,
-        "best": {"round": best["round"], "row": best} if best else None,
+        "personalized": config.eval.personalized,
+        "best": best_round(agg),
+        "best_received": best_round(agg, RECEIVED),
         "wall_seconds": wall_seconds,
         "bytes_up_total": int(sum(r["bytes_up"] for r in agg)),
         "bytes_down_total": int(sum(r["bytes_down"] for r in agg)),

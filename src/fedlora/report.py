@@ -16,7 +16,7 @@ import numpy as np
 
 from fedlora.algorithms import get_algorithm
 from fedlora.errors import FedLoraError
-from fedlora.metrics import aggregate_rows, read_metrics
+from fedlora.metrics import RECEIVED, aggregate_rows, read_metrics
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -32,9 +32,23 @@ def metric_label(summary: Mapping[str, Any]) -> str:
     return "acc" if metric == "accuracy" else metric
 
 
+#: The evaluation protocols as table labels and key suffixes (see ``fedlora.metrics``).
+PROTOCOLS = (("trained", ""), ("received", RECEIVED))
+
+
 def _evaluated(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The aggregate rows of the rounds that were evaluated."""
-    return [r for r in aggregate_rows(rows) if r["personalized_acc_mean"] is not None]
+    """The aggregate rows of the rounds that were evaluated (by either protocol)."""
+    return [
+        r
+        for r in aggregate_rows(rows)
+        if any(r.get(f"personalized_acc_mean{suffix}") is not None for _, suffix in PROTOCOLS)
+    ]
+
+
+def _protocol_suffix(agg: Sequence[Mapping[str, Any]]) -> str:
+    """The key suffix of the protocol a single curve shows: "trained" where measured, else "received"."""
+    trained = any(r.get("personalized_acc_mean") is not None for r in agg)
+    return "" if trained or not agg else RECEIVED
 
 
 def _save(fig: Any, axes: Sequence[Any], out: Path) -> Path:
@@ -53,16 +67,21 @@ def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Pat
     agg = _evaluated(rows)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
     rounds = np.array([r["round"] + 1 for r in agg])
-    if len(agg):
-        mean = np.array([r["personalized_acc_mean"] for r in agg])
-        std = np.array([r["personalized_acc_std"] for r in agg])
-        ax_acc.plot(rounds, mean, marker="o", label="personalized (mean over clients)")
+    for name, suffix in PROTOCOLS:
+        if not agg or agg[0].get(f"personalized_acc_mean{suffix}") is None:
+            continue
+        mean = np.array([r[f"personalized_acc_mean{suffix}"] for r in agg])
+        std = np.array([r[f"personalized_acc_std{suffix}"] for r in agg])
+        ax_acc.plot(rounds, mean, marker="o", label=f"personalized {name} (mean over clients)")
         ax_acc.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-        ax_acc.plot(rounds, [r["personalized_acc_min"] for r in agg], ls=":", label="personalized (worst client)")
+        worst = [r[f"personalized_acc_min{suffix}"] for r in agg]
+        ax_acc.plot(rounds, worst, ls=":", label=f"personalized {name} (worst client)")
+        loss = [r[f"personalized_loss_mean{suffix}"] for r in agg]
+        ax_loss.plot(rounds, loss, marker="o", label=f"test loss (personalized {name})")
+    if len(agg):
         if any(r["global_acc"] is not None for r in agg):
             ax_acc.plot(rounds, [r["global_acc"] for r in agg], marker="s", label="global model")
         ax_loss.plot(rounds, [r["train_loss"] for r in agg], marker="o", label="train loss (mean)")
-        ax_loss.plot(rounds, [r["personalized_loss_mean"] for r in agg], marker="o", label="test loss (personalized)")
     ax_acc.set(xlabel="round", ylabel=metric, title=title)
     ax_loss.set(xlabel="round", ylabel="loss", title="loss")
     return _save(fig, (ax_acc, ax_loss), out)
@@ -80,15 +99,18 @@ def draw_run(run_dir: Path) -> list[Path]:
 
 
 def run_curves(run_dir: Path) -> dict[str, Any]:
-    """A run's per-round personalized score and test loss (evaluated rounds only, rounds from 1)."""
+    """A run's per-round personalized score and test loss (evaluated rounds only, rounds from 1),
+    after local training where the run measured it, else before (``protocol`` says which)."""
     summary, rows = load_run(run_dir)
     agg = _evaluated(rows)
+    suffix = _protocol_suffix(agg)
     return {
         "algorithm": str(summary["algorithm"]),
         "metric": str(summary.get("metric", "accuracy")),
+        "protocol": "trained" if not suffix else "received",
         "rounds": [int(r["round"]) + 1 for r in agg],
-        "score": [float(r["personalized_acc_mean"]) for r in agg],
-        "loss": [r["personalized_loss_mean"] for r in agg],
+        "score": [float(r[f"personalized_acc_mean{suffix}"]) for r in agg],
+        "loss": [r[f"personalized_loss_mean{suffix}"] for r in agg],
     }
 
 
@@ -159,33 +181,61 @@ def _mean_std(values: Sequence[float | None]) -> str:
     return f"{arr.mean():.2f} ± {arr.std():.2f}"
 
 
-def _final_groups(run: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    groups: dict[str, dict[str, float]] = (run.get("final") or {}).get("personalized_groups") or {}
+def _final_groups(run: Mapping[str, Any], suffix: str = "") -> dict[str, dict[str, float]]:
+    groups: dict[str, dict[str, float]] = (run.get("final") or {}).get(f"personalized_groups{suffix}") or {}
     return groups
+
+
+def _best_key(suffix: str) -> str:
+    return "best" if not suffix else f"best{suffix}"
 
 
 def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, dict[str, Any]]:
     """Markdown table and JSON of several algorithms' summaries (mean ± std over seeds).
 
-    Generation runs name their score (``rouge1``) in the header and add one column per
-    task group: the final personalized score of that group's test examples.
+    Each evaluation protocol that some run measured gets its columns, labelled: the final
+    and best personalized score "trained" (after local training) and "received" (the model
+    each client was sent, before training). Generation runs name their score (``rouge1``)
+    in the header and add one column per task group and protocol: the final personalized
+    score of that group's test examples.
     """
-    first = next((run for runs in summaries.values() for run in runs), {})
+    runs_all = [run for runs in summaries.values() for run in runs]
+    first = runs_all[0] if runs_all else {}
     label = metric_label(first)
     metric = str(first.get("metric", "accuracy"))
-    group_names = sorted({g for runs in summaries.values() for run in runs for g in _final_groups(run)})
-    group_cols = "".join(f" {g} {label} (final) |" for g in group_names)
-    lines = [
-        f"| algorithm | personalized {label} (final) | personalized {label} (best) | best round "
-        f"| global {label} (final) |{group_cols} upload / round | download / round | trainable % | wall s |",
-        "|---|---|---|---|---|" + "---|" * len(group_names) + "---|---|---|---|",
+    protocols = [
+        (name, suffix)
+        for name, suffix in PROTOCOLS
+        if any((run.get("final") or {}).get(f"personalized_acc_mean{suffix}") is not None for run in runs_all)
     ]
+    group_names = {
+        suffix: sorted({g for run in runs_all for g in _final_groups(run, suffix)}) for _, suffix in protocols
+    }
+    head = "| algorithm |"
+    for name, suffix in protocols:
+        head += f" personalized {label} {name} (final) | personalized {label} {name} (best) | best round {name} |"
+        head += "".join(f" {g} {label} {name} (final) |" for g in group_names[suffix])
+    head += f" global {label} (final) | upload / round | download / round | trainable % | wall s |"
+    lines = [head, "|---|" + "---|" * (head.count("|") - 2)]
     data: dict[str, Any] = {}
     for algo, runs in summaries.items():
-        per_group = {g: [_final_groups(s).get(g, {}).get(metric) for s in runs] for g in group_names}
-        finals = [s["final"]["personalized_acc_mean"] for s in runs]
-        bests = [s["best"]["row"]["personalized_acc_mean"] if s["best"] else None for s in runs]
-        best_rounds = [s["best"]["round"] + 1 for s in runs if s["best"]]
+        cells = ""
+        entry: dict[str, Any] = {"seeds": [s["seed"] for s in runs], "protocols": [name for name, _ in protocols]}
+        for _, suffix in protocols:
+            key = f"personalized_acc_mean{suffix}"
+            finals = [(s["final"] or {}).get(key) for s in runs]
+            bests = [(s.get(_best_key(suffix)) or {}).get("row", {}).get(key) for s in runs]
+            best_rounds = [s[_best_key(suffix)]["round"] + 1 for s in runs if s.get(_best_key(suffix))]
+            per_group = {
+                g: [_final_groups(s, suffix).get(g, {}).get(metric) for s in runs] for g in group_names[suffix]
+            }
+            cells += f" {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} |"
+            cells += "".join(f" {_mean_std(v)} |" for v in per_group.values())
+            entry[f"personalized_acc{suffix}_final"] = finals
+            entry[f"personalized_acc{suffix}_best"] = bests
+            entry[f"best_round{suffix}"] = best_rounds
+            if per_group:
+                entry[f"personalized_groups{suffix}_final"] = per_group
         globals_ = [s["final"]["global_acc"] for s in runs]
         rounds = [s["rounds"] for s in runs]
         up = float(np.mean([s["bytes_up_total"] / r for s, r in zip(runs, rounds, strict=True)]))
@@ -193,24 +243,17 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
         trainable = runs[0].get("trainable_percent")
         wall = float(np.mean([s["wall_seconds"] for s in runs]))
         lines.append(
-            f"| {algo} | {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} "
-            f"| {_mean_std(globals_)} |{''.join(f' {_mean_std(v)} |' for v in per_group.values())} "
-            f"{_human_bytes(up)} | {_human_bytes(down)} "
+            f"| {algo} |{cells} {_mean_std(globals_)} | {_human_bytes(up)} | {_human_bytes(down)} "
             f"| {trainable:.3f} | {wall:.0f} |"
         )
         data[algo] = {
-            "seeds": [s["seed"] for s in runs],
-            "personalized_acc_final": finals,
-            "personalized_acc_best": bests,
-            "best_round": best_rounds,
+            **entry,
             "global_acc_final": globals_,
             "bytes_up_per_round": up,
             "bytes_down_per_round": down,
             "trainable_percent": trainable,
             "wall_seconds": wall,
         }
-        if group_names:
-            data[algo]["personalized_groups_final"] = per_group
     return "\n".join(lines) + "\n", data
 
 

@@ -21,19 +21,20 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
-from fedlora.algorithms.base import Tensors
+from fedlora.algorithms.base import LAMBDA_REPORT, Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
-from fedlora.client import ClientRunner, EvalResult, derive_seed
+from fedlora.client import ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
 from fedlora.generation import InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
-from fedlora.lora import LoraModel, init_state, num_bytes
+from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import MetricsLog, round_aggregate, summarize
 from fedlora.models import LoadedModel, load_model
 from fedlora.store import ClientStore
 from fedlora.tasks import build_objective, task_for
+from fedlora.traffic import bytes_down, bytes_up
 from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
 
 CHECKPOINTS = "checkpoints"
@@ -97,12 +98,22 @@ class Federation:
     def client_ids(self) -> list[int]:
         return self.ctx.client_ids
 
+    def client_context(self, cid: int) -> ClientContext:
+        """What client ``cid`` needs for a round: the shared runner and its own split."""
+        split = self.splits[cid]
+        return ClientContext(
+            cid,
+            self.runner,
+            split.train,
+            split.test,
+            self.config.model.head,
+            self.config.eval.personalized,
+            self.algorithm.client_hooks,
+        )
 
-def build_federation(config: Config) -> Federation:
-    """Load data and model, partition, tokenize once, and build the algorithm."""
-    algorithm_cls = get_algorithm(config.algorithm_name)
-    options = parse_options(algorithm_cls, config.algorithm_options)
-    dataset = load_dataset(config.data.dataset)
+
+def client_splits(config: Config, dataset: TextDataset) -> list[ClientSplit]:
+    """Partition a data set into the config's clients and split each into train and test."""
     d = config.data
     if d.num_clients > len(dataset.texts):
         raise FedLoraError(
@@ -130,20 +141,47 @@ def build_federation(config: Config) -> Federation:
         raise FedLoraError(
             f"clients {empty[:5]} have no training examples; use fewer clients or a larger min_partition_size"
         )
+    return splits
+
+
+def load_lora_model(
+    config: Config, dataset: TextDataset, num_labels: int | None = None
+) -> tuple[LoadedModel, LoraModel]:
+    """The config's model for ``dataset``'s task (``num_labels`` classes, by default the data
+    set's), with its seeded head and LoRA injected in the target modules."""
     task = task_for(dataset)
     if task == "causal_lm" and config.model.head != "frozen":
         raise FedLoraError(
             f"model.head = {config.model.head!r} applies to classification; {dataset.name} trains a causal LM "
             "(no classification head): leave model.head = 'frozen'"
         )
-    num_labels = len(dataset.label_names) if task == "classification" else None
+    num_labels = (num_labels or len(dataset.label_names)) if task == "classification" else None
     loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
-    lora_model = LoraModel(loaded.model, targets, loaded.head_module)
+    return loaded, LoraModel(loaded.model, targets, loaded.head_module)
+
+
+def make_runner(
+    config: Config, dataset: TextDataset, rows: np.ndarray, loaded: LoadedModel, lora_model: LoraModel
+) -> ClientRunner:
+    """A runner over ``dataset``'s ``rows`` (tokenized once; corpus row ``i`` is ``rows[i]``)."""
+    objective = build_objective(dataset, rows, loaded.tokenizer, config)
+    head_init = lora_model.head_state()
+    trainable = HeadPolicy(config.model.head, head_init).trainable
+    return ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, trainable)
+
+
+def build_federation(config: Config) -> Federation:
+    """Load data and model, partition, tokenize once, and build the algorithm."""
+    algorithm_cls = get_algorithm(config.algorithm_name)
+    options = parse_options(algorithm_cls, config.algorithm_options)
+    dataset = load_dataset(config.data.dataset)
+    splits = client_splits(config, dataset)
+    loaded, lora_model = load_lora_model(config, dataset)
     # Tokenize once, and only the examples some client uses (caps can leave most out).
     used = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits]))
     splits = [ClientSplit(np.searchsorted(used, s.train), np.searchsorted(used, s.test)) for s in splits]
-    objective = build_objective(dataset, used, loaded.tokenizer, config)
+    runner = make_runner(config, dataset, used, loaded, lora_model)
     client_ids = list(range(len(splits)))
     ctx = FederationContext(
         client_ids=client_ids,
@@ -156,22 +194,10 @@ def build_federation(config: Config) -> Federation:
         rounds=config.run.rounds,
     )
     algorithm = algorithm_cls(ctx, options)
-    head_init = lora_model.head_state()
-    head = HeadPolicy(config.model.head, head_init)
-    runner = ClientRunner(lora_model, objective, config.train, config.run.seed, head_init, head.trainable)
-    return Federation(config, dataset, used, splits, loaded, lora_model, objective.corpus, ctx, algorithm, head, runner)
-
-
-@dataclass
-class ClientOutcome:
-    """What one client's round produced: its update, new private state and metrics row."""
-
-    update: Update
-    head_upload: Tensors
-    private: Tensors
-    row: dict[str, Any]
-    result: EvalResult | None
-    trainable_params: int
+    head = HeadPolicy(config.model.head, runner.head_init)
+    return Federation(
+        config, dataset, used, splits, loaded, lora_model, runner.objective.corpus, ctx, algorithm, head, runner
+    )
 
 
 @dataclass
@@ -186,55 +212,6 @@ class ClientFailure:
     def record(self) -> dict[str, str]:
         """The ``error`` and ``message`` fields of a failure row."""
         return {"error": self.error, "message": self.message}
-
-
-def client_round(
-    fed: Federation,
-    rnd: int,
-    cid: int,
-    payload: Payload,
-    private: Tensors,
-    head_payload: Tensors,
-    evaluate: bool,
-) -> ClientOutcome:
-    """One client's round on the shared model (used by every runtime).
-
-    Loads the payload over the client's private state, trains, splits what it trained
-    into upload and private state (adapters by the payload's upload patterns, the head by
-    the head policy), and evaluates on the client's test split if asked.
-    """
-    fed.runner.load(payload, private, head_payload)
-    train_idx = fed.splits[cid].train
-    train_loss = fed.runner.train(cid, rnd, train_idx, fed.algorithm.lr_multipliers)
-    trained = fed.runner.trained_state()
-    adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
-    head = {k: v for k, v in trained.items() if is_head_key(k)}
-    upload, new_private = payload.split(adapters)
-    head_upload = head if fed.head.policy == "federated" and payload.upload else {}
-    new_private.update({k: v for k, v in head.items() if k not in head_upload})
-    row: dict[str, Any] = {
-        "round": rnd,
-        "client": cid,
-        "split": "test",
-        "train_loss": train_loss,
-        "bytes_up": num_bytes(upload) + num_bytes(head_upload),
-        "bytes_down": payload.download_bytes() + (num_bytes(head_payload) if payload.upload else 0),
-        "n_train": len(train_idx),
-    }
-    result = None
-    metrics: dict[str, float] = {"train_loss": train_loss}
-    if evaluate:
-        result = fed.runner.evaluate(fed.splits[cid].test, reference=train_idx)
-        row.update(acc=result.acc, loss=result.loss, n=result.n, **result.extra_row(), **result.slot_weight_means())
-        metrics.update(result.slot_weight_means())
-    return ClientOutcome(
-        update=Update(upload, len(train_idx), metrics),
-        head_upload=head_upload,
-        private=new_private,
-        row=row,
-        result=result,
-        trainable_params=sum(t.numel() for t in trained.values()),
-    )
 
 
 ProgressHook = Callable[[int, int | None], None]
@@ -265,6 +242,8 @@ class Simulation:
         self.elapsed = 0.0
         self.trainable_params = 0
         self.restored_from: Path | None = None
+        #: Each client's latest reported mixing weights (``lambda/<module>`` update metrics).
+        self.reported: dict[int, dict[str, float]] = {}
 
     # --- one round --------------------------------------------------------------------
     def run_round(self, rnd: int) -> dict[str, Any]:
@@ -292,6 +271,9 @@ class Simulation:
         for cid, outcome in outcomes.items():
             self.store.put(cid, outcome.private, rnd)
             self.trainable_params = max(self.trainable_params, outcome.trainable_params)
+            lambdas = {k: v for k, v in outcome.update.metrics.items() if k.startswith(LAMBDA_REPORT)}
+            if lambdas:
+                self.reported[cid] = lambdas
         uploads = {cid: {**o.update.tensors, **o.head_upload} for cid, o in outcomes.items()}
         scales: dict[int, float] = {}
         if cfg.federation.clip_update_norm > 0:
@@ -303,14 +285,17 @@ class Simulation:
             for cid, o in outcomes.items()
         }
         head_uploads = {cid: {k: v for k, v in uploads[cid].items() if is_head_key(k)} for cid in outcomes}
+        # The server learns each client's example count from its update, not from a shared partition.
+        fed.ctx.num_examples.update({cid: u.num_examples for cid, u in updates.items()})
         fed.algorithm.aggregate(rnd, updates)
         fed.head.aggregate(head_uploads, fed.algorithm.weights(list(head_uploads)))
         global_result = self._evaluate_global() if evaluate else None
         seconds = time.perf_counter() - start
         client_rows = [o.row for o in outcomes.values()]
         results = {cid: o.result for cid, o in outcomes.items() if o.result is not None}
+        received = {cid: o.received for cid, o in outcomes.items() if o.received is not None}
         aggregate = round_aggregate(
-            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales
+            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received
         )
         self.log.write_rows([*client_rows, aggregate])
         self.elapsed += seconds
@@ -332,7 +317,8 @@ class Simulation:
         results: dict[int, ClientOutcome | ClientFailure] = {}
         for cid, payload in payloads.items():
             try:
-                results[cid] = client_round(self.fed, rnd, cid, payload, self.store.get(cid), head_payload, evaluate)
+                context = self.fed.client_context(cid)
+                results[cid] = client_round(context, rnd, payload, self.store.get(cid), head_payload, evaluate)
             except Exception as exc:  # any fault of one client drops that client only
                 results[cid] = ClientFailure(type(exc).__name__, str(exc), exc)
                 if self.config.federation.on_client_error == "fail":
@@ -350,7 +336,7 @@ class Simulation:
         the round from (the reference of its update's change).
         """
         fed = self.fed
-        payloads = fed.algorithm.configure(rnd, clients)
+        payloads = fed.algorithm.payloads(rnd, clients)
         head_payload = fed.head.payload()
         head_shapes = {k: tuple(v.shape) for k, v in head_payload.items()}
         results = self.run_clients(rnd, payloads, head_payload, evaluate)
@@ -389,6 +375,8 @@ class Simulation:
                     }
                 )
                 continue
+            result.row["bytes_up"] = bytes_up(result.update.tensors, result.head_upload)
+            result.row["bytes_down"] = bytes_down(payload, head_payload)
             outcomes[cid] = result
             if self.config.federation.clip_update_norm > 0:
                 references[cid] = self._reference(result, payload, self.store.get(cid), head_payload)
@@ -429,6 +417,7 @@ class Simulation:
             "elapsed": self.elapsed,
             "trainable_params": self.trainable_params,
             "algorithm_meta": meta,
+            "reported": {str(c): r for c, r in self.reported.items()},
         }
         files = {
             "algorithm.safetensors": save_tensors({k: v.contiguous() for k, v in tensors.items()}),
@@ -464,6 +453,7 @@ class Simulation:
         self.next_round = int(state["next_round"])
         self.elapsed = float(state["elapsed"])
         self.trainable_params = int(state["trainable_params"])
+        self.reported = {int(c): dict(r) for c, r in state.get("reported", {}).items()}
         self.restored_from = path
 
     def resume(self, *, last_good: bool = False) -> None:
@@ -487,7 +477,7 @@ class Simulation:
         for rnd in range(self.next_round, self.config.run.rounds):
             self.run_round(rnd)
         summary = summarize(
-            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.store.items()
+            self.config, self.fed, self.log.rows(), self.elapsed, self.trainable_params, self.reported
         )
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -13,7 +13,7 @@ checkpoint and not the live index refers to.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,6 @@ class ClientStore:
 
     def __len__(self) -> int:
         return len(self._index)
-
-    def items(self) -> Iterator[tuple[int, Tensors]]:
-        """Every client's private state, read one client at a time."""
-        for client in sorted(self._index):
-            yield client, self.get(client)
 
     # --- index (what a checkpoint saves) ----------------------------------------------
     def index_bytes(self) -> bytes:

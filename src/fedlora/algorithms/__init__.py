@@ -11,8 +11,8 @@ import pkgutil
 
 from fedlora.algorithms.base import (
     Algorithm,
+    ClientHooks,
     FederationContext,
-    InstanceWeighting,
     Options,
     Payload,
     Update,
@@ -20,6 +20,7 @@ from fedlora.algorithms.base import (
     parse_options,
     register,
     registry,
+    unregister,
     weighted_mean,
 )
 
@@ -29,8 +30,8 @@ for _info in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "Algorithm",
+    "ClientHooks",
     "FederationContext",
-    "InstanceWeighting",
     "Options",
     "Payload",
     "Update",
@@ -38,5 +39,6 @@ __all__ = [
     "parse_options",
     "register",
     "registry",
+    "unregister",
     "weighted_mean",
 ]

@@ -20,14 +20,14 @@ import fnmatch
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from fedlora.errors import FedLoraError
-from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec, num_bytes
+from fedlora.lora import MIX_SLOT, Layout, ModuleId, ModuleLayout, SlotSpec, num_bytes, parse_key
 
 Tensors = dict[str, torch.Tensor]
 
@@ -54,19 +54,62 @@ class FederationContext:
         return 1 + max(mid.layer for mid in self.module_shapes)
 
 
-class InstanceWeighting(ABC):
-    """Per-example slot weights at evaluation time (FedDPA's instance-wise weighting).
+class ClientHooks:
+    """Client-side behaviour an algorithm declares (:attr:`Algorithm.client_hooks`).
 
-    The client pools each evaluated input into a feature vector (its token embeddings
-    from the frozen embedding layer, averaged over the attention mask) and passes the
-    batch's features with ``reference``, the mean feature of its training set. The
-    returned ``(batch,)`` tensors replace the fixed weights of the named slots of
-    ``sum``-mixed modules for that batch.
+    The client builds its algorithm's hooks each round from the payload's ``instruction``
+    (plain JSON values), with the class taken from the registry by the run config's
+    algorithm name: a message never names a class. The defaults change nothing; a subclass
+    overrides what its method needs:
+
+    - :meth:`extra_loss`: a term added to the task's loss at every local step (FedProx's
+      proximal term, SCAFFOLD's correction);
+    - :attr:`weights_instances` and :meth:`slot_weights`: per-example slot weights at
+      evaluation (FedDPA's instance-wise weighting);
+    - :meth:`report`: numbers the client sends back with its update (FedTreeLoRA's lambdas).
     """
 
-    @abstractmethod
+    def __init__(self, instruction: Mapping[str, Any]) -> None:
+        self.instruction = dict(instruction)
+
+    def extra_loss(
+        self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """A term added to the loss of every local step, from the live trained tensors (with
+        gradients) and the tensors the client started the round from; None adds nothing."""
+        return None
+
+    @property
+    def weights_instances(self) -> bool:
+        """Whether evaluation weights slots per example (then :meth:`slot_weights` is called)."""
+        return False
+
     def slot_weights(self, features: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Slot name -> ``(batch,)`` weights for a batch of ``features`` (batch x dim)."""
+        """Slot name -> ``(batch,)`` weights for a batch of pooled input ``features`` (batch x
+        dim); ``reference`` is the mean feature of the client's training set. The weights
+        replace the fixed weights of the named slots of ``sum``-mixed modules for that batch."""
+        raise NotImplementedError(f"{type(self).__name__} does not weight instances")
+
+    def report(self, trained: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Numbers sent back in ``Update.metrics`` after training (keys ``lambda/<module>``
+        are collected into ``summary.json``'s ``structure["lambdas"]``)."""
+        return {}
+
+
+#: Prefix of the ``Update.metrics`` keys that report a module's mixing weight.
+LAMBDA_REPORT = "lambda/"
+
+
+class ReportLambdas(ClientHooks):
+    """Reports ``lambda = sigmoid(theta)`` of every mixing scalar the client trained, as
+    ``lambda/<module prefix>`` (the server never receives theta itself)."""
+
+    def report(self, trained: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {
+            f"{LAMBDA_REPORT}{parse_key(key).module_id.prefix()}": float(torch.sigmoid(value))
+            for key, value in trained.items()
+            if key.endswith(f".{MIX_SLOT}.theta")
+        }
 
 
 @dataclass
@@ -86,16 +129,21 @@ class Payload:
         Bytes actually sent, where the client rebuilds ``tensors`` from a smaller message
         (e.g. a dense base update rebuilt from stacked low-rank factors); ``None`` means
         the bytes of ``tensors``.
-    instance_weighting
-        Test-time per-example slot weights (see :class:`InstanceWeighting`); ``None``
-        evaluates with the layout's fixed weights. Nothing extra crosses the wire.
+    instruction
+        The round's client instruction: JSON values the algorithm's :class:`ClientHooks`
+        are built from on the client (serialised once by the wire format).
+    lr_multipliers
+        Learning-rate multipliers of the trained tensors whose key matches an fnmatch
+        pattern (the first match wins; others train at ``train.lr``). Filled in from
+        :attr:`Algorithm.lr_multipliers` by :meth:`Algorithm.payloads`.
     """
 
     layout: Layout
     tensors: Tensors
     upload: tuple[str, ...] = ("*",)
     wire_bytes: int | None = None
-    instance_weighting: InstanceWeighting | None = None
+    instruction: dict[str, Any] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def download_bytes(self) -> int:
         return num_bytes(self.tensors) if self.wire_bytes is None else self.wire_bytes
@@ -124,6 +172,9 @@ class Update:
 @dataclass
 class Options:
     """Base of every algorithm's options dataclass (fields = the ``[algorithm]`` keys)."""
+
+    #: Former option names -> their current names (refused with a message naming the new key).
+    renamed: ClassVar[dict[str, str]] = {"warmup": "warmup_rounds"}
 
 
 @dataclass
@@ -155,6 +206,8 @@ class Algorithm(ABC):
     options_class: ClassVar[type[Options]] = Options
     #: Whether clients may hold different LoRA ranks (``model.ranks``); the others refuse them.
     mixed_ranks: ClassVar[bool] = False
+    #: What the algorithm's clients do besides plain training (see :class:`ClientHooks`).
+    client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
     #: Learning-rate multipliers for tensors whose key matches an fnmatch pattern (a
     #: subclass may set it per instance, from its options).
     lr_multipliers: Mapping[str, float] = {}
@@ -166,6 +219,15 @@ class Algorithm(ABC):
         self.options = options
 
     # --- server hooks ---------------------------------------------------------------
+    def payloads(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
+        """What the runtimes send: :meth:`configure`'s payloads, each carrying what the
+        client needs from the algorithm besides tensors (its learning-rate multipliers)."""
+        mults = dict(self.lr_multipliers)
+        return {
+            c: p if p.lr_multipliers or not mults else replace(p, lr_multipliers=mults)
+            for c, p in self.configure(rnd, clients).items()
+        }
+
     @abstractmethod
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         """Payloads for the clients sampled in round ``rnd``."""
@@ -203,7 +265,11 @@ class Algorithm(ABC):
         return Layout.uniform(self.ctx.module_ids, ModuleLayout(slots=(spec,)))
 
     def weights(self, clients: Sequence[int], weighting: str = "examples") -> dict[int, float]:
-        """Aggregation weights q_k over ``clients`` (by examples, or uniform)."""
+        """Aggregation weights q_k over ``clients`` (by examples, or uniform).
+
+        ``ctx.num_examples`` starts from the partition where the runtime has one and is
+        updated by the runtime from each update's ``num_examples`` (the count the client
+        reports) before :meth:`aggregate`."""
         if weighting == "uniform":
             return {c: 1.0 / len(clients) for c in clients}
         total = sum(self.ctx.num_examples[c] for c in clients)
@@ -239,6 +305,11 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove an algorithm from the registry (a plug-in or a test double that must not outlive its use)."""
+    _REGISTRY.pop(name, None)
+
+
 def registry() -> dict[str, type[Algorithm]]:
     return dict(sorted(_REGISTRY.items()))
 
@@ -253,6 +324,9 @@ def get_algorithm(name: str) -> type[Algorithm]:
 def parse_options(cls: type[Algorithm], raw: Mapping[str, Any]) -> Options:
     """Build ``cls.options_class`` from the ``[algorithm]`` table, with clear errors."""
     fields = {f.name: f for f in dataclasses.fields(cls.options_class)}
+    for old, new in cls.options_class.renamed.items():
+        if old in raw and old not in fields and new in fields:
+            raise FedLoraError(f"algorithm.{old} is now called algorithm.{new} (same meaning): rename the key")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"

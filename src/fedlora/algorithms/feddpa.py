@@ -38,8 +38,8 @@ from torch.nn import functional as F
 
 from fedlora.algorithms.base import (
     Algorithm,
+    ClientHooks,
     FederationContext,
-    InstanceWeighting,
     Options,
     Payload,
     Tensors,
@@ -68,8 +68,14 @@ class FedDpaOptions(WeightingOptions):
             raise FedLoraError(f"algorithm.local_weight = {self.local_weight}: use a weight in [0, 1]")
 
 
-class SimilarityWeighting(InstanceWeighting):
-    """Local slot weight ``(1 + cos(feature, reference)) / 2``; the global slot gets the rest."""
+class SimilarityWeighting(ClientHooks):
+    """FedDPA's client: with the instruction ``{"test_weighting": "instance"}``, the local
+    slot weight of each test input is ``(1 + cos(feature, reference)) / 2`` and the global
+    slot gets the rest; otherwise the layout's fixed weights."""
+
+    @property
+    def weights_instances(self) -> bool:
+        return self.instruction.get("test_weighting") == "instance"
 
     def slot_weights(self, features: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
         local = (1.0 + F.cosine_similarity(features, reference.unsqueeze(0), dim=-1)) / 2.0
@@ -83,6 +89,7 @@ class FedDpa(Algorithm):
     paper = "arXiv 2403.19211"
     options_class = FedDpaOptions
     options: FedDpaOptions
+    client_hooks = SimilarityWeighting
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)
@@ -92,12 +99,16 @@ class FedDpa(Algorithm):
         self.global_layout = self.lora_layout(slot=GLOBAL)
         init = init_state(self.global_layout, ctx.module_shapes, ctx.seed)
         self.global_lora: Tensors = {k: v for k, v in init.items() if k in set(self.global_layout.trainable_keys())}
-        self.weighting = SimilarityWeighting() if self.options.test_weighting == "instance" else None
         self.local_weight_per_round: list[dict[str, float]] = []
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         return {
-            c: Payload(self.layout, self.global_lora, upload=(f"*.{GLOBAL}.*",), instance_weighting=self.weighting)
+            c: Payload(
+                self.layout,
+                self.global_lora,
+                upload=(f"*.{GLOBAL}.*",),
+                instruction={"test_weighting": self.options.test_weighting},
+            )
             for c in clients
         }
 

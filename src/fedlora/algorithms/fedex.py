@@ -78,7 +78,6 @@ class FedEx(Algorithm):
             payload = self._payload()
             payload.wire_bytes = factor_bytes + (dense_bytes if pending else 0)
             payloads[c] = payload
-            self.received[c] = self.residuals
         return payloads
 
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
@@ -101,6 +100,9 @@ class FedEx(Algorithm):
             self.base_delta[d_key] = self.base_delta[d_key] + residual
             norm_sq += float(residual.pow(2).sum())
         self.global_lora = mean
+        # The clients whose updates came back hold the base sent this round (configure only reads
+        # this, so a retried round, or a client that failed, is charged the dense base again).
+        self.received.update({c: self.residuals for c in updates})
         self.residuals += 1
         self.residual_norms.append(norm_sq**0.5)
 

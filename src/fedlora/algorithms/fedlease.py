@@ -3,7 +3,7 @@
 Paper: "FedLEASE: Adaptive LoRA Experts Allocation and Selection in
 Federated Fine-Tuning" (arXiv 2509.15087, NeurIPS 2025).
 
-1. Warmup: for ``warmup`` rounds every client trains its own LoRA locally (no
+1. Warmup: for ``warmup_rounds`` rounds every client trains its own LoRA locally (no
    aggregation). In the last warmup round it uploads that LoRA.
 2. Clustering, once: ``D[i, j]`` = mean over modules of ``1 - cos(B_i, B_j)`` (flattened
    B factors); average-linkage agglomerative clustering of ``D``; the number of clusters
@@ -23,7 +23,8 @@ cluster and the distance matrix.
 
 Options
 -------
-warmup : int >= 1, default 5: rounds of local training before clustering
+warmup_rounds : int >= 1, default 5: rounds of local training before clustering (the same key as
+    fedtreelora's; the former name ``warmup`` is refused with a message naming this one)
 max_clusters : int >= 2, default 4: the largest M tried
 weighting : "examples" (default) or "uniform": weights of the within-cluster averages
 """
@@ -62,13 +63,13 @@ def expert_slot(e: int) -> str:
 
 @dataclass
 class FedLeaseOptions(WeightingOptions):
-    warmup: int = 5
+    warmup_rounds: int = 5
     max_clusters: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.warmup < 1:
-            raise FedLoraError(f"algorithm.warmup = {self.warmup}: use at least 1 round of local warmup")
+        if self.warmup_rounds < 1:
+            raise FedLoraError(f"algorithm.warmup_rounds = {self.warmup_rounds}: use at least 1 round of local warmup")
         if self.max_clusters < 2:
             raise FedLoraError(f"algorithm.max_clusters = {self.max_clusters}: use 2 or more")
 
@@ -144,8 +145,8 @@ class FedLease(Algorithm):
         return Layout.uniform(self.ctx.module_ids, ModuleLayout(slots=slots, mixing="router"))
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
-        if rnd < self.options.warmup:
-            last = rnd == self.options.warmup - 1
+        if rnd < self.options.warmup_rounds:
+            last = rnd == self.options.warmup_rounds - 1
             return {c: Payload(self.warmup_layout, {}, upload=("*",) if last else ()) for c in clients}
         experts = {k: v for e in range(self.num_experts) for k, v in self.experts[e].items()}
         return {
@@ -154,9 +155,9 @@ class FedLease(Algorithm):
         }
 
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
-        if not updates or rnd < self.options.warmup - 1:
+        if not updates or rnd < self.options.warmup_rounds - 1:
             return
-        if rnd == self.options.warmup - 1:
+        if rnd == self.options.warmup_rounds - 1:
             self._cluster({c: u.tensors for c, u in updates.items()})
             return
         for e in range(self.num_experts):
@@ -191,7 +192,7 @@ class FedLease(Algorithm):
 
     def structure(self) -> dict[str, Any]:
         return {
-            "warmup_rounds": self.options.warmup,
+            "warmup_rounds": self.options.warmup_rounds,
             "num_clusters": self.num_experts,
             "silhouette": {str(m): s for m, s in self.silhouettes.items()},
             "clusters": {str(c): e for c, e in sorted(self.clusters.items())},

@@ -79,6 +79,7 @@ from fedlora.algorithms.base import (
     FederationContext,
     Options,
     Payload,
+    ReportLambdas,
     Tensors,
     Update,
     register,
@@ -338,6 +339,7 @@ class FedTreeLora(Algorithm):
     paper = "arXiv 2603.13282"
     options_class = FedTreeLoraOptions
     options: FedTreeLoraOptions
+    client_hooks = ReportLambdas
 
     def __init__(self, ctx: FederationContext, options: Options) -> None:
         super().__init__(ctx, options)

@@ -27,10 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.algorithms import Payload
 from fedlora.algorithms.base import Tensors
+from fedlora.client import ClientOutcome
 from fedlora.config import Config, load_config
 from fedlora.errors import FedLoraError
-from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, record_bytes, train_content
-from fedlora.simulation import ClientFailure, ClientOutcome, Simulation
+from fedlora.flower.wire import QUERY_PARTITION, as_float, as_int, read_reply, train_content
+from fedlora.simulation import ClientFailure, Simulation
 
 #: Flower's own logger, so that fedlora's lines appear among Flower's.
 log = logging.getLogger("flwr")
@@ -119,7 +120,6 @@ class FlowerRun(Simulation):
         """
         self.map_new_nodes()
         messages: list[Message] = []
-        sent: dict[int, int] = {}  # client -> bytes down
         outcomes: dict[int, ClientOutcome | ClientFailure] = {}
         for cid, payload in payloads.items():
             node = self.nodes.get(cid)
@@ -127,13 +127,9 @@ class FlowerRun(Simulation):
                 log.warning("round %d: client %d has no node; left out", rnd, cid)
                 outcomes[cid] = ClientFailure("NoNode", "no Flower node serves this client")
                 continue
-            content = train_content(self.config_toml, rnd, cid, payload, head_payload, evaluate)
-            down = payload.wire_bytes
-            if down is None:
-                down = record_bytes(content.array_records["payload"])
-            if payload.upload:
-                down += record_bytes(content.array_records["head"])
-            sent[cid] = down
+            content = train_content(
+                self.config_toml, rnd, cid, payload, head_payload, evaluate, self.fed.dataset.label_names
+            )
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(rnd)))
         replies = self._exchange(messages, timeout=self.options.round_timeout or None)
         node_to_client = {node: cid for cid, node in self.nodes.items()}
@@ -148,9 +144,7 @@ class FlowerRun(Simulation):
                 log.warning("round %d: client %d (node %d) failed: %s; left out", rnd, cid, node, reply.error.reason)
                 outcomes[cid] = ClientFailure("ClientError", f"node {node}: {reply.error.reason}")
             else:
-                outcome = read_reply(reply.content)
-                outcome.row["bytes_down"] = sent[cid]
-                outcomes[cid] = outcome
+                outcomes[cid] = read_reply(reply.content)
         return outcomes
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> dict[str, Message]:

@@ -3,27 +3,29 @@
 A train message holds three records:
 
 ``fedlora``
-    A ConfigRecord: the run config (TOML text; the client builds the same federation
-    from it), the round, the fedlora client id, whether to evaluate, and the payload's
-    layout (``Layout.to_json``), upload patterns, ``wire_bytes`` and the test-time
-    instance weighting (its fedlora class and fields) as JSON strings.
+    A ConfigRecord: the run config (TOML text; the client builds its own context from
+    it and its node's data), the federation's class names, the round, the fedlora client
+    id, whether to evaluate, and the payload's layout (``Layout.to_json``), upload
+    patterns, ``wire_bytes``, learning-rate multipliers and the client instruction
+    (whatever it holds: plain JSON values; the client's hooks class comes from its own
+    registry by the config's algorithm name, never from the message) as JSON strings.
 ``payload``
     An ArrayRecord: the payload's tensors.
 ``head``
     An ArrayRecord: the head tensors of a federated head (empty otherwise).
 
 The reply holds ``update`` and ``head`` (ArrayRecords: the uploaded tensors) and
-``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluation, its number
-of training examples and update metrics). Bytes are counted from the arrays of these
+``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluations (after
+training, and of the received model before it), its number of training examples and
+update metrics). Bytes are counted from the arrays of these
 records (fp32 data, no framing), the same measure the simulator uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedlora.algorithms import Payload, Update
-from fedlora.algorithms.base import InstanceWeighting, Tensors
-from fedlora.errors import FedLoraError
+from fedlora.algorithms.base import Tensors
+from fedlora.client import ClientOutcome
 from fedlora.lora import Layout
-from fedlora.simulation import ClientOutcome
 from fedlora.tasks import EvalResult
 
 #: Message type of the query that asks a node which fedlora client it is.
@@ -69,11 +70,6 @@ def from_record(record: ArrayRecord) -> Tensors:
     return {key: torch.from_numpy(np.array(array.numpy())) for key, array in record.items()}
 
 
-def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the tensor data in a record: elements x item size, no serialization header."""
-    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in record.values())
-
-
 @dataclass
 class TrainInstruction:
     """One client's work for one round, as the client reads it from a message."""
@@ -84,32 +80,18 @@ class TrainInstruction:
     evaluate: bool
     payload: Payload
     head: Tensors
-
-
-def weighting_to_json(weighting: InstanceWeighting | None) -> dict[str, Any] | None:
-    """A payload's test-time weighting as its class path and fields (JSON values)."""
-    if weighting is None:
-        return None
-    cls = type(weighting)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": vars(weighting)}
-
-
-def weighting_from_json(data: dict[str, Any] | None) -> InstanceWeighting | None:
-    """Rebuild a weighting; only :class:`InstanceWeighting` subclasses inside fedlora are accepted."""
-    if data is None:
-        return None
-    module_name, _, qualname = str(data["class"]).partition(":")
-    if not module_name.startswith("fedlora."):
-        raise FedLoraError(f"instance weighting {data['class']!r} is not a fedlora class; refused")
-    cls = getattr(importlib.import_module(module_name), qualname, None)
-    if not (isinstance(cls, type) and issubclass(cls, InstanceWeighting)):
-        raise FedLoraError(f"{data['class']!r} is not an InstanceWeighting; refused")
-    weighting: InstanceWeighting = cls(**data["fields"])
-    return weighting
+    #: The federation's class names (a node maps the labels of its own data file onto them).
+    label_names: list[str]
 
 
 def train_content(
-    config_toml: str, rnd: int, client: int, payload: Payload, head: Tensors, evaluate: bool
+    config_toml: str,
+    rnd: int,
+    client: int,
+    payload: Payload,
+    head: Tensors,
+    evaluate: bool,
+    label_names: Sequence[str] = (),
 ) -> RecordDict:
     """The train message for one client."""
     meta = ConfigRecord(
@@ -121,7 +103,9 @@ def train_content(
             "layout": json.dumps(payload.layout.to_json()),
             "upload": json.dumps(list(payload.upload)),
             "wire_bytes": json.dumps(payload.wire_bytes),
-            "instance_weighting": json.dumps(weighting_to_json(payload.instance_weighting)),
+            "instruction": json.dumps(payload.instruction),
+            "lr_multipliers": json.dumps(payload.lr_multipliers),
+            "label_names": json.dumps(list(label_names)),
         }
     )
     return RecordDict({"fedlora": meta, "payload": to_record(payload.tensors), "head": to_record(head)})
@@ -134,7 +118,8 @@ def read_train(content: RecordDict) -> TrainInstruction:
         tensors=from_record(content.array_records["payload"]),
         upload=tuple(json.loads(str(meta["upload"]))),
         wire_bytes=json.loads(str(meta["wire_bytes"])),
-        instance_weighting=weighting_from_json(json.loads(str(meta["instance_weighting"]))),
+        instruction=json.loads(str(meta["instruction"])),
+        lr_multipliers={str(k): float(v) for k, v in json.loads(str(meta["lr_multipliers"])).items()},
     )
     return TrainInstruction(
         config_toml=str(meta["config"]),
@@ -143,16 +128,18 @@ def read_train(content: RecordDict) -> TrainInstruction:
         evaluate=bool(meta["evaluate"]),
         payload=payload,
         head=from_record(content.array_records["head"]),
+        label_names=[str(name) for name in json.loads(str(meta["label_names"]))],
     )
 
 
 def reply_content(outcome: ClientOutcome) -> RecordDict:
     """The reply of a client: what it uploads and what it measured."""
-    result = outcome.result
+    result, received = outcome.result, outcome.received
     meta = ConfigRecord(
         {
             "row": json.dumps(outcome.row),
             "eval": json.dumps(None if result is None else dataclasses.asdict(result)),
+            "eval_received": json.dumps(None if received is None else dataclasses.asdict(received)),
             "num_examples": outcome.update.num_examples,
             "metrics": json.dumps(outcome.update.metrics),
             "trainable_params": outcome.trainable_params,
@@ -166,15 +153,14 @@ def reply_content(outcome: ClientOutcome) -> RecordDict:
 def read_reply(content: RecordDict) -> ClientOutcome:
     """A client's reply as the server's :class:`ClientOutcome` (no private state: it stayed there).
 
-    The row's byte counts are replaced by what the reply's records hold (``bytes_up``);
-    the caller sets ``bytes_down`` from what it sent.
-    """
+    The server counts the round's bytes from the tensors (:mod:`fedlora.traffic`), as the
+    simulator does."""
     meta = content.config_records["outcome"]
     update_record = content.array_records["update"]
     head_record = content.array_records["head"]
     row: dict[str, Any] = json.loads(str(meta["row"]))
-    row["bytes_up"] = record_bytes(update_record) + record_bytes(head_record)
     result = json.loads(str(meta["eval"]))
+    received = json.loads(str(meta["eval_received"]))
     return ClientOutcome(
         update=Update(from_record(update_record), as_int(meta["num_examples"]), json.loads(str(meta["metrics"]))),
         head_upload=from_record(head_record),
@@ -182,4 +168,5 @@ def read_reply(content: RecordDict) -> ClientOutcome:
         row=row,
         result=None if result is None else EvalResult(**result),
         trainable_params=as_int(meta["trainable_params"]),
+        received=None if received is None else EvalResult(**received),
     )
