@@ -32,6 +32,7 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)
     rank: int = 8
     alpha: float = 16.0
+    lora_dropout: float = 0.0
     ranks: list[int] = field(default_factory=list)
     rank_assignment: str = "round_robin"
 
@@ -158,6 +159,10 @@ def validate(config: Config) -> None:
         (config.run.rounds >= 1, "run.rounds must be >= 1"),
         (config.model.rank >= 1, "model.rank must be >= 1"),
         (config.model.alpha > 0, "model.alpha must be > 0"),
+        (
+            0.0 <= config.model.lora_dropout < 1.0,
+            f"model.lora_dropout = {config.model.lora_dropout}: use a probability in [0, 1) (0 disables it)",
+        ),
         (all(r >= 1 for r in config.model.ranks), "model.ranks must all be >= 1"),
         (config.model.head in ("frozen", "local", "federated"), "model.head must be 'frozen', 'local' or 'federated'"),
         (

@@ -158,7 +158,7 @@ def load_lora_model(
     num_labels = (num_labels or len(dataset.label_names)) if task == "classification" else None
     loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
     targets = config.model.target_modules or list(loaded.default_targets)
-    return loaded, LoraModel(loaded.model, targets, loaded.head_module)
+    return loaded, LoraModel(loaded.model, targets, loaded.head_module, config.model.lora_dropout)
 
 
 def make_runner(
