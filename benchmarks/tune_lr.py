@@ -83,8 +83,9 @@ def main() -> None:
                 + ", ".join(f"lr {k} -> {100 * v:.2f}" for k, v in per_lr.items())
                 + f"; chosen {best}"
             )
-    args.record.parent.mkdir(parents=True, exist_ok=True)
-    args.record.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            # after every method, so an interrupted tuning keeps what it chose
+            args.record.parent.mkdir(parents=True, exist_ok=True)
+            args.record.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
