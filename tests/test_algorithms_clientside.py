@@ -118,3 +118,61 @@ def test_server_optimizer_state_survives_a_checkpoint() -> None:
         assert torch.equal(copy.configure(3, [0])[0].tensors[key], value)
     with pytest.raises(FedLoraError, match="beta2"):
         build("fedyogi", make_ctx({0: 1}), beta2=1.0)
+
+
+def test_scaffold_client_correction_and_control_update_by_hand() -> None:
+    from fedlora.algorithms.scaffold import ControlVariates
+
+    c, ci = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
+    hooks = ControlVariates({}, tensors={"k": c}, state={"k": ci})
+    w = torch.tensor([3.0, -1.0], requires_grad=True)
+    term = hooks.extra_loss({"k": w}, {"k": torch.zeros(2)})
+    assert term is not None
+    term.backward()
+    assert_close(w.grad, torch.tensor([0.5, 1.5]))  # the corrected gradient adds c - c_i
+    # K = 2 steps at lr 0.1 from x = 0 to y = (-0.2, 0.4): (x - y) / (K lr) = (1, -2);
+    # c_i+ = c_i - c + (1, -2) = (0.5, -3.5); the upload is c_i+ - c_i = (0, -4).
+    up, state = hooks.finish({"k": torch.tensor([-0.2, 0.4])}, {"k": torch.zeros(2)}, 2, 0.1)
+    assert_close(state["k"], torch.tensor([0.5, -3.5]))
+    assert_close(up["k"], torch.tensor([0.0, -4.0]))
+    # A client's first round: c_i = 0.
+    first, _ = ControlVariates({}, tensors={"k": c}).finish({"k": torch.zeros(2)}, {"k": torch.zeros(2)}, 1, 1.0)
+    assert_close(first["k"], -c)
+
+
+def test_scaffold_server_averages_x_and_moves_c_by_the_participating_share() -> None:
+    algo = build("scaffold", make_ctx({0: 1, 1: 3, 2: 4}))
+    x0 = algo.configure(0, [0])[0].tensors
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in algo.configure(0, [0])[0].hook_tensors.values())
+
+    def update(n: int, up: float, dc: float) -> Update:
+        return Update(
+            {k: v + up for k, v in x0.items()}, n, hook_tensors={k: torch.full_like(v, dc) for k, v in x0.items()}
+        )
+
+    updates = {0: update(1, 1.0, 2.0), 1: update(3, 3.0, 4.0)}
+    algo.aggregate(0, updates)
+    payload = algo.configure(1, [2])[2]
+    for key, value in x0.items():
+        assert_close(payload.tensors[key], value + 2.5)  # FedIT's weighted mean, weights 1:3
+        assert_close(payload.hook_tensors[key], torch.full_like(value, 2.0))  # 0 + 2/3 * mean(2, 4)
+
+
+def test_scaffold_runs_end_to_end_with_its_control_variates_counted_and_private(tmp_path: Path) -> None:
+    from fedlora.store import ClientStore
+
+    def run(name: str) -> tuple[Path, list[dict[str, Any]]]:
+        out = tmp_path / name
+        sets = ["train.lr=0.05", f"algorithm.name='{name}'", "run.rounds=2"]
+        assert main(["run", SMOKE, "--out", str(out), "--quiet"] + [x for s in sets for x in ("--set", s)]) == 0
+        return out, [r for r in _rows(out) if r["client"] is not None]
+
+    out, rows = run("scaffold")
+    _, fedit = run("fedit")
+    # c goes down and delta c_i up beside the LoRA: twice FedIT's bytes both ways.
+    assert [(r["bytes_up"], r["bytes_down"]) for r in rows] == [(2 * r["bytes_up"], 2 * r["bytes_down"]) for r in fedit]
+    assert rows[0]["acc"] != fedit[0]["acc"] or rows[-1]["loss"] != fedit[-1]["loss"]
+    store = ClientStore(out / "clients")
+    store.load_index((sorted((out / "checkpoints").iterdir())[-1] / "clients.json").read_bytes())
+    private = store.get(0)
+    assert private and all(k.startswith("hook/layers.") for k in private)  # c_i stays on the client

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedlora.algorithms import Payload, get_algorithm, parse_options
+from fedlora.algorithms import Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import ClientHooks, ReportLambdas, Tensors
 from fedlora.client import ClientContext, ClientOutcome, client_round
 from fedlora.config import load_config
@@ -138,4 +138,6 @@ def test_one_byte_accounting() -> None:
     assert bytes_down(Payload(Layout({}), tensors), head) == (6 + 2) * 4
     assert bytes_down(Payload(Layout({}), tensors, upload=()), head) == 6 * 4  # no upload: no head sent
     assert bytes_down(Payload(Layout({}), tensors, wire_bytes=10), head) == 10 + 2 * 4  # a model of the wire
-    assert bytes_up(tensors, head) == (6 + 2) * 4 and bytes_up({}, {}) == 0
+    assert bytes_down(Payload(Layout({}), tensors, hook_tensors={"c": torch.zeros(3)}), {}) == (6 + 3) * 4
+    assert bytes_up(Update(tensors, 1), head) == (6 + 2) * 4 and bytes_up(Update({}, 1), {}) == 0
+    assert bytes_up(Update(tensors, 1, hook_tensors={"c": torch.zeros(3)}), {}) == (6 + 3) * 4

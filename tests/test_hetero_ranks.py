@@ -66,7 +66,7 @@ def three_clients_ranks_2_4_8() -> dict[int, Update]:
 MIXED_RANK_METHODS = {"local", "zeropad", "hetlora", "flexlora", "flora", "fedhl"}
 ONE_RANK_METHODS = {
     *("fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "sharedepth", "fedtreelora"),
-    *("fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    *("fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"),
 }
 
 

@@ -30,6 +30,9 @@ from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import RECEIVED
 from fedlora.tasks import EvalResult, Objective
 
+#: Prefix of the hooks' private state among a client's private tensors (never loaded into the model).
+HOOK_STATE = "hook/"
+
 __all__ = ["ClientContext", "ClientOutcome", "ClientRunner", "EvalResult", "client_round", "derive_seed"]
 
 
@@ -104,13 +107,17 @@ class ClientRunner:
         return self.lora_model.read(self.trainable_keys())
 
     # --- training ---------------------------------------------------------------------
+    def num_steps(self, num_examples: int) -> int:
+        """Local steps of a round over ``num_examples``: ``local_steps``, or whole epochs of batches."""
+        cfg = self.train_config
+        per_epoch = math.ceil(num_examples / min(cfg.batch_size, num_examples))
+        return cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+
     def batches(self, indices: np.ndarray, seed: int) -> list[np.ndarray]:
         """The round's mini-batches: seeded shuffles, ``local_steps`` batches or whole epochs."""
-        cfg = self.train_config
         rng = np.random.default_rng(seed)
-        bs = min(cfg.batch_size, len(indices))
-        per_epoch = math.ceil(len(indices) / bs)
-        steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+        bs = min(self.train_config.batch_size, len(indices))
+        steps = self.num_steps(len(indices))
         out: list[np.ndarray] = []
         while len(out) < steps:
             order = rng.permutation(indices)
@@ -275,22 +282,30 @@ def client_round(
     payload's learning-rate multipliers, splits what it trained into upload and private
     state (adapters by the payload's upload patterns, the head by the head policy), and
     scores the trained model ("trained" or "both"). Nothing is scored in a round that is
-    not evaluated. The update carries the client's own example count. The row's byte
+    not evaluated. The hooks' uploads and private state (``hook/<key>`` among the private
+    tensors) travel beside the model's. The update carries the client's own example count. The row's byte
     counts are the server's to add (:mod:`fedlora.traffic`).
     """
     runner = ctx.runner
-    hooks = ctx.hooks(payload.instruction)
-    runner.load(payload, private, head_payload)
+    model_private = {k: v for k, v in private.items() if not k.startswith(HOOK_STATE)}
+    hook_state = {k.removeprefix(HOOK_STATE): v for k, v in private.items() if k.startswith(HOOK_STATE)}
+    hooks = ctx.hooks(payload.instruction, payload.hook_tensors, hook_state)
+    runner.load(payload, model_private, head_payload)
     received = None
     if evaluate and ctx.personalized in ("received", "both"):
         received = runner.evaluate(ctx.test, ctx.train, hooks)
+    start = runner.trained_state()
     train_loss = runner.train(ctx.client, rnd, ctx.train, payload.lr_multipliers, hooks)
     trained = runner.trained_state()
+    hook_upload, hook_state = hooks.finish(
+        trained, start, runner.num_steps(len(ctx.train)), runner.train_config.lr
+    )
     adapters = {k: v for k, v in trained.items() if not is_head_key(k)}
     head = {k: v for k, v in trained.items() if is_head_key(k)}
     upload, new_private = payload.split(adapters)
     head_upload = head if ctx.head_policy == "federated" and payload.upload else {}
     new_private.update({k: v for k, v in head.items() if k not in head_upload})
+    new_private.update({f"{HOOK_STATE}{k}": v for k, v in hook_state.items()})
     row: dict[str, Any] = {
         "round": rnd,
         "client": ctx.client,
@@ -310,7 +325,7 @@ def client_round(
     if scored is not None:
         metrics.update(scored.slot_weight_means())
     return ClientOutcome(
-        update=Update(upload, len(ctx.train), metrics),
+        update=Update(upload, len(ctx.train), metrics, hook_upload),
         head_upload=head_upload,
         private=new_private,
         row=row,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedlora.client import HOOK_STATE
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, PeftAdapter, adapter_from_slots, save_peft
@@ -78,7 +79,8 @@ def restore_model(run_dir: Path, client: int | None) -> RestoredModel:
         if client not in fed.client_ids:
             raise FedLoraError(f"--client {client}: the run has clients 0..{len(fed.client_ids) - 1}")
         payload = fed.algorithm.configure(sim.next_round, [client])[client]
-        private = sim.store.get(client)
+        # The model's private tensors; the hooks' state (``hook/...``) is not part of the model.
+        private = {k: v for k, v in sim.store.get(client).items() if not k.startswith(HOOK_STATE)}
     fed.runner.load(payload, private, fed.head.payload())
     return RestoredModel(sim, payload)
 

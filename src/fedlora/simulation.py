@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import LAMBDA_REPORT, Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
-from fedlora.client import ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
+from fedlora.client import HOOK_STATE, ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
@@ -232,6 +232,11 @@ class ClientFailure:
         return {"error": self.error, "message": self.message}
 
 
+def hook_keys(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Hook tensors under the ``hook/`` prefix, so that they are validated beside the model's."""
+    return {f"{HOOK_STATE}{k}": v for k, v in tensors.items()}
+
+
 ProgressHook = Callable[[int, int | None], None]
 
 
@@ -298,7 +303,10 @@ class Simulation:
             uploads, scales = clip_to_median(uploads, references, cfg.federation.clip_update_norm)
         updates = {
             cid: Update(
-                {k: v for k, v in uploads[cid].items() if not is_head_key(k)}, o.update.num_examples, o.update.metrics
+                {k: v for k, v in uploads[cid].items() if not is_head_key(k)},
+                o.update.num_examples,
+                o.update.metrics,
+                o.update.hook_tensors,
             )
             for cid, o in outcomes.items()
         }
@@ -372,8 +380,11 @@ class Simulation:
                 failures.append({"round": rnd, "client": cid, "attempt": attempt, **result.record()})
                 continue
             problem = update_problem(
-                {**result.update.tensors, **result.head_upload},
-                expected_upload(payload, fed.ctx.module_shapes, head_shapes),
+                {**result.update.tensors, **result.head_upload, **hook_keys(result.update.hook_tensors)},
+                {
+                    **expected_upload(payload, fed.ctx.module_shapes, head_shapes),
+                    **{k: tuple(v.shape) for k, v in hook_keys(payload.hook_tensors).items()},
+                },
             )
             bad_private = non_finite_keys(result.private)
             if problem is None and bad_private:
@@ -393,7 +404,7 @@ class Simulation:
                     }
                 )
                 continue
-            result.row["bytes_up"] = bytes_up(result.update.tensors, result.head_upload)
+            result.row["bytes_up"] = bytes_up(result.update, result.head_upload)
             result.row["bytes_down"] = bytes_down(payload, head_payload)
             outcomes[cid] = result
             if self.config.federation.clip_update_norm > 0:

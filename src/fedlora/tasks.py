@@ -57,7 +57,7 @@ class EvalResult:
         A few ``{"prediction", "reference"}`` pairs to read (generation).
     slot_weight_sums
         Sum over the examples of each instance-weighted slot's weight (see
-        ``Payload.instance_weighting``).
+        the algorithm's client hooks, ``ClientHooks.weights_instances``).
     """
 
     correct: float

@@ -15,18 +15,19 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlora.algorithms.base import Payload
+from fedlora.algorithms.base import Payload, Update
 from fedlora.lora import num_bytes
 
 __all__ = ["bytes_down", "bytes_up"]
 
 
 def bytes_down(payload: Payload, head: Mapping[str, torch.Tensor]) -> int:
-    """Bytes sent to a client: its payload (``wire_bytes`` where the algorithm models the wire)
-    plus the head tensors, which are sent only to a client that uploads."""
-    return payload.download_bytes() + (num_bytes(head) if payload.upload else 0)
+    """Bytes sent to a client: its payload (``wire_bytes`` where the algorithm models the wire),
+    its hooks' tensors, and the head tensors, which are sent only to a client that uploads."""
+    return payload.download_bytes() + num_bytes(payload.hook_tensors) + (num_bytes(head) if payload.upload else 0)
 
 
-def bytes_up(update: Mapping[str, torch.Tensor], head_upload: Mapping[str, torch.Tensor]) -> int:
-    """Bytes a client sends back: its uploaded adapter tensors plus a federated head's."""
-    return num_bytes(update) + num_bytes(head_upload)
+def bytes_up(update: Update, head_upload: Mapping[str, torch.Tensor]) -> int:
+    """Bytes a client sends back: its uploaded adapter tensors, its hooks' uploads and a
+    federated head's tensors."""
+    return num_bytes(update.tensors) + num_bytes(update.hook_tensors) + num_bytes(head_upload)

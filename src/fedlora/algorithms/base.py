@@ -66,11 +66,23 @@ class ClientHooks:
       proximal term, SCAFFOLD's correction);
     - :attr:`weights_instances` and :meth:`slot_weights`: per-example slot weights at
       evaluation (FedDPA's instance-wise weighting);
-    - :meth:`report`: numbers the client sends back with its update (FedTreeLoRA's lambdas).
+    - :meth:`report`: numbers the client sends back with its update (FedTreeLoRA's lambdas);
+    - :meth:`finish`: tensors of the method's own that go up in ``Update.hook_tensors`` and
+      that the client keeps (SCAFFOLD's control variates).
+
+    ``tensors`` are the payload's ``hook_tensors`` (sent by the server, never loaded into
+    the model) and ``state`` the hooks' private state the client kept from its last round.
     """
 
-    def __init__(self, instruction: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        instruction: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.instruction = dict(instruction)
+        self.tensors: Tensors = dict(tensors or {})
+        self.state: Tensors = dict(state or {})
 
     def extra_loss(
         self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
@@ -94,6 +106,14 @@ class ClientHooks:
         """Numbers sent back in ``Update.metrics`` after training (keys ``lambda/<module>``
         are collected into ``summary.json``'s ``structure["lambdas"]``)."""
         return {}
+
+    def finish(
+        self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], steps: int, lr: float
+    ) -> tuple[Tensors, Tensors]:
+        """After ``steps`` local steps at learning rate ``lr`` from ``received`` to ``trained``:
+        the tensors to upload (``Update.hook_tensors``: the keys and shapes of the payload's
+        ``hook_tensors``) and the hooks' new private state."""
+        return {}, self.state
 
 
 #: Prefix of the ``Update.metrics`` keys that report a module's mixing weight.
@@ -132,6 +152,9 @@ class Payload:
     instruction
         The round's client instruction: JSON values the algorithm's :class:`ClientHooks`
         are built from on the client (serialised once by the wire format).
+    hook_tensors
+        Tensors for the client's hooks, not loaded into the model (SCAFFOLD's server control
+        variate); counted as download bytes.
     lr_multipliers
         Learning-rate multipliers of the trained tensors whose key matches an fnmatch
         pattern (the first match wins; others train at ``train.lr``). Filled in from
@@ -143,6 +166,7 @@ class Payload:
     upload: tuple[str, ...] = ("*",)
     wire_bytes: int | None = None
     instruction: dict[str, Any] = field(default_factory=dict)
+    hook_tensors: Tensors = field(default_factory=dict)
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def download_bytes(self) -> int:
@@ -162,11 +186,15 @@ class Payload:
 
 @dataclass
 class Update:
-    """What one client sends back after local training."""
+    """What one client sends back after local training.
+
+    ``hook_tensors`` are its hooks' uploads (:meth:`ClientHooks.finish`), with the keys and
+    shapes of the payload's ``hook_tensors``; counted as upload bytes."""
 
     tensors: Tensors
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    hook_tensors: Tensors = field(default_factory=dict)
 
 
 @dataclass

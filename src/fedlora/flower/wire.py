@@ -13,8 +13,11 @@ A train message holds three records:
     An ArrayRecord: the payload's tensors.
 ``head``
     An ArrayRecord: the head tensors of a federated head (empty otherwise).
+``hook``
+    An ArrayRecord: the payload's ``hook_tensors`` (empty unless the algorithm's client
+    hooks take tensors, as SCAFFOLD's control variates).
 
-The reply holds ``update`` and ``head`` (ArrayRecords: the uploaded tensors) and
+The reply holds ``update``, ``head`` and ``hook`` (ArrayRecords: the uploaded tensors) and
 ``outcome`` (a ConfigRecord: the client's metrics row, its whole evaluations (after
 training, and of the received model before it), its number of training examples and
 update metrics). Bytes are counted from the arrays of these
@@ -108,7 +111,14 @@ def train_content(
             "label_names": json.dumps(list(label_names)),
         }
     )
-    return RecordDict({"fedlora": meta, "payload": to_record(payload.tensors), "head": to_record(head)})
+    return RecordDict(
+        {
+            "fedlora": meta,
+            "payload": to_record(payload.tensors),
+            "head": to_record(head),
+            "hook": to_record(payload.hook_tensors),
+        }
+    )
 
 
 def read_train(content: RecordDict) -> TrainInstruction:
@@ -119,6 +129,7 @@ def read_train(content: RecordDict) -> TrainInstruction:
         upload=tuple(json.loads(str(meta["upload"]))),
         wire_bytes=json.loads(str(meta["wire_bytes"])),
         instruction=json.loads(str(meta["instruction"])),
+        hook_tensors=from_record(content.array_records["hook"]),
         lr_multipliers={str(k): float(v) for k, v in json.loads(str(meta["lr_multipliers"])).items()},
     )
     return TrainInstruction(
@@ -146,7 +157,12 @@ def reply_content(outcome: ClientOutcome) -> RecordDict:
         }
     )
     return RecordDict(
-        {"outcome": meta, "update": to_record(outcome.update.tensors), "head": to_record(outcome.head_upload)}
+        {
+            "outcome": meta,
+            "update": to_record(outcome.update.tensors),
+            "head": to_record(outcome.head_upload),
+            "hook": to_record(outcome.update.hook_tensors),
+        }
     )
 
 
@@ -162,7 +178,12 @@ def read_reply(content: RecordDict) -> ClientOutcome:
     result = json.loads(str(meta["eval"]))
     received = json.loads(str(meta["eval_received"]))
     return ClientOutcome(
-        update=Update(from_record(update_record), as_int(meta["num_examples"]), json.loads(str(meta["metrics"]))),
+        update=Update(
+            from_record(update_record),
+            as_int(meta["num_examples"]),
+            json.loads(str(meta["metrics"])),
+            from_record(content.array_records["hook"]),
+        ),
         head_upload=from_record(head_record),
         private={},
         row=row,
