@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ def add_federation_arguments(p: argparse.ArgumentParser, *, clients: int, rounds
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: twice the rank)")
+    p.add_argument("--head-init-std", type=float, default=0.02, help="std of the frozen seeded head")
+    p.add_argument(
+        "--lr-choices",
+        type=Path,
+        default=None,
+        help="JSON written by tune_lr.py: each method trains at its chosen rate for the data set (else --lr)",
+    )
     p.add_argument("--max-train", type=int, default=200, help="training examples per client (cap)")
     p.add_argument("--max-test", type=int, default=100, help="test examples per client (cap)")
     p.add_argument("--max-length", type=int, default=64)
@@ -52,15 +61,17 @@ def federation_overrides(
 ) -> list[str]:
     """Config overrides of the FedTreeLoRA paper's NLU federation, from a benchmark's arguments.
 
-    Rank ``args.rank`` (alpha twice the rank) on query and value, frozen seeded head, one
-    evaluation per round. ``clients``, ``max_train``, ``max_test`` and ``steps`` replace the
-    argument of that name (the centralized reference pools the clients into one).
+    Rank ``args.rank`` (alpha ``args.lora_alpha``, by default twice the rank) on query and
+    value, frozen seeded head (std ``args.head_init_std``), one evaluation per round.
+    ``clients``, ``max_train``, ``max_test`` and ``steps`` replace the argument of that
+    name (the centralized reference pools the clients into one).
     """
     return [
         f"model.name='{args.model}'",
         f"model.rank={args.rank}",
-        f"model.alpha={2.0 * args.rank}",
+        f"model.alpha={args.lora_alpha if args.lora_alpha is not None else 2.0 * args.rank}",
         "model.head='frozen'",
+        f"model.head_init_std={args.head_init_std}",
         "model.target_modules=['query', 'value']",
         f"data.dataset='{dataset}'",
         f"data.partition='{partition}'",
@@ -76,6 +87,15 @@ def federation_overrides(
         f"train.lr={args.lr}",
         "eval.every=1",
     ]
+
+
+def tuned_lr(args: argparse.Namespace, dataset: str, algorithm: str) -> list[str]:
+    """``train.lr`` override of ``algorithm`` on ``dataset`` from ``--lr-choices`` (none if not chosen there)."""
+    if args.lr_choices is None:
+        return []
+    choices = json.loads(args.lr_choices.read_text())["choices"]
+    chosen = choices.get(dataset, {}).get(algorithm)
+    return [] if chosen is None else [f"train.lr={chosen['lr']}"]
 
 
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:

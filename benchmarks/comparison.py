@@ -25,7 +25,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import WARMUP_ALGORITHMS, accuracies, add_federation_arguments, federation_overrides, mean_std, run_config
+from common import (
+    WARMUP_ALGORITHMS,
+    accuracies,
+    add_federation_arguments,
+    federation_overrides,
+    mean_std,
+    run_config,
+    tuned_lr,
+)
 from fedlora.algorithms import registry
 
 METHODS = ["local", "fedit", "ffa", "fedex", "fedsa", "feddpa", "fedalt", "fedlease", "fedtreelora"]
@@ -58,7 +66,12 @@ def overrides(args: argparse.Namespace, dataset: str, seed: int, algorithm: str)
         )
         return [*pooled, "algorithm.name='local'"]
     warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if algorithm in WARMUP_ALGORITHMS else []
-    return [*federation_overrides(args, dataset, seed, alpha=args.alpha), f"algorithm.name='{algorithm}'", *warmup]
+    return [
+        *federation_overrides(args, dataset, seed, alpha=args.alpha),
+        *tuned_lr(args, dataset, algorithm),
+        f"algorithm.name='{algorithm}'",
+        *warmup,
+    ]
 
 
 def row(summaries: list[dict[str, Any]]) -> dict[str, Any]:

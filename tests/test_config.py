@@ -46,6 +46,8 @@ def test_resolved_config_roundtrips(tmp_path: Path) -> None:
         ("model.head='shared'", "model.head must be"),
         ("train.local_epochs=2", "exactly one of train.local_steps"),
         ("data.test_fraction=1.0", "test_fraction"),
+        ("model.lora_dropout=1.0", "model.lora_dropout = 1.0: use a probability in \\[0, 1\\)"),
+        ("model.lora_dropout=-0.1", "model.lora_dropout"),
     ],
 )
 def test_bad_values_are_clear_errors(override: str, message: str) -> None:

@@ -479,3 +479,20 @@ def test_tokenized_corpus_errors(tokenizer: Any) -> None:
         TokenizedCorpus(["a"], np.array([0]), tokenizer, max_length=0)
     with pytest.raises(FedLoraError, match="one label per text"):
         TokenizedCorpus(["a", "b"], np.array([0]), tokenizer, max_length=8)
+
+
+def test_validation_fraction_carves_the_evaluation_split_from_the_training_examples() -> None:
+    from fedlora.config import load_config
+    from fedlora.data import TextDataset
+    from fedlora.simulation import client_splits
+
+    ds = TextDataset("synthetic", [f"text {i}" for i in range(200)], np.arange(200) % 2, ["neg", "pos"])
+    smoke = Path(__file__).parent.parent / "configs" / "smoke.toml"
+    common = ["data.num_clients=4", "data.partition='iid'", "data.test_fraction=0.2", "data.max_test_per_client=0"]
+    plain = client_splits(load_config(smoke, common), ds)
+    tuning = client_splits(load_config(smoke, [*common, "data.validation_fraction=0.25"]), ds)
+    for before, after in zip(plain, tuning, strict=True):
+        # validation + remaining training = the old training examples; the test split is never used
+        assert sorted([*after.train, *after.test]) == sorted(before.train)
+        assert not set(after.test) & set(before.test)
+        assert len(after.test) == round(0.25 * len(before.train))

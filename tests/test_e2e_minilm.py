@@ -20,6 +20,7 @@ def test_minilm_fedit_runs_and_moves_the_loss(tmp_path: Path) -> None:
         "--set", "data.num_clients=3", "--set", "run.rounds=2", "--set", "train.local_steps=3",
         "--set", "data.max_train_per_client=24", "--set", "data.max_test_per_client=16",
         "--set", "data.max_length=32", "--set", "train.batch_size=8",
+        "--set", "model.rank=8", "--set", "eval.every=1",
     ]  # fmt: skip
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())

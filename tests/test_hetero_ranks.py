@@ -95,13 +95,51 @@ def test_zeropad_padded_weighted_mean_by_hand() -> None:
     algo.aggregate(0, three_clients_ranks_2_4_8())
     glob = algo.global_payload().tensors
     # q = 1/4, 1/4, 1/2; padded zeros count. A rows 0-1: .25*1 + .25*2 + .5*4 = 2.75;
-    # rows 2-3: .25*2 + .5*4 = 2.5; rows 4-7: .5*4 = 2. B: .75, .75, .5, .5, .25 x4.
+    # rows 2-3: .25*2 + .5*4 = 2.5; rows 4-7: .5*4 = 2. B at the global scaling (times
+    # r_max / r_k = 4, 2, 1): 4, 2, .5 -> cols 0-1: 1 + .5 + .25 = 1.75; 2-3: .75; 4-7: .25.
     assert_close(glob[f"{L}.A"], torch.tensor([[2.75]] * 2 + [[2.5]] * 2 + [[2.0]] * 4))
-    assert_close(glob[f"{L}.B"], torch.tensor([[0.75] * 2 + [0.5] * 2 + [0.25] * 4]))
+    assert_close(glob[f"{L}.B"], torch.tensor([[1.75] * 2 + [0.75] * 2 + [0.25] * 4]))
     payloads = algo.configure(1, [0, 1])
     assert_close(payloads[0].tensors[f"{L}.A"], torch.tensor([[2.75]] * 2))
-    assert_close(payloads[1].tensors[f"{L}.B"], torch.tensor([[0.75, 0.75, 0.5, 0.5]]))
+    # back to the client's scaling: times r_k / r_max = 1/2 for the rank-4 client
+    assert_close(payloads[1].tensors[f"{L}.B"], torch.tensor([[0.875, 0.875, 0.375, 0.375]]))
     assert payloads[0].layout.modules[MID].slots[0].rank == 2
+
+
+def effective(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    return scaling * b.double() @ a.double()
+
+
+@pytest.mark.parametrize("name", ["zeropad", "hetlora"])
+def test_zeropad_and_hetlora_clients_start_from_the_global_truncation_at_the_global_scaling(name: str) -> None:
+    ranks = {0: 2, 1: 4, 2: 16}
+    alpha = 8.0
+    ctx = make_ctx({0: 3, 1: 5, 2: 7}, shapes={MID: (6, 5)}, alpha=alpha, ranks=ranks)
+    algo = build(name, ctx)
+    gen = torch.Generator().manual_seed(0)
+    uploads = {
+        c: Update({f"{L}.A": torch.randn(r, 5, generator=gen), f"{L}.B": torch.randn(6, r, generator=gen)}, 3 + 2 * c)
+        for c, r in ranks.items()
+    }
+    algo.aggregate(0, uploads)
+    glob = algo.global_payload().tensors
+    assert algo.global_payload().layout.modules[MID].slots[0].scaling == pytest.approx(alpha / 16)
+    payloads = algo.configure(1, sorted(ranks))
+    for c, r in ranks.items():
+        sent = payloads[c].tensors
+        assert payloads[c].layout.modules[MID].slots[0].scaling == pytest.approx(alpha / r)
+        # the client's effective update = the global one restricted to its first r components
+        assert_close(
+            effective(sent[f"{L}.A"], sent[f"{L}.B"], alpha / r),
+            effective(glob[f"{L}.A"][:r], glob[f"{L}.B"][:, :r], alpha / 16),
+        )
+    # the reverse direction: an upload enters the average as the client's own update.
+    # One participant with all the weight -> the global model's effective update is its own.
+    for c, r in ranks.items():
+        algo.aggregate(2, {c: uploads[c]})
+        glob = algo.global_payload().tensors
+        own = effective(uploads[c].tensors[f"{L}.A"], uploads[c].tensors[f"{L}.B"], alpha / r)
+        assert_close(effective(glob[f"{L}.A"], glob[f"{L}.B"], alpha / 16), own)
 
 
 def test_zeropad_starts_from_nested_seeded_init() -> None:
@@ -119,7 +157,8 @@ def test_hetlora_norm_weights_by_hand() -> None:
     algo.aggregate(0, three_clients_ranks_2_4_8())
     glob = algo.global_payload().tensors
     assert_close(glob[f"{L}.A"], torch.tensor([[2.6]] * 2 + [[2.4]] * 2 + [[1.6]] * 4))
-    assert_close(glob[f"{L}.B"], torch.tensor([[0.8] * 2 + [0.6] * 2 + [0.2] * 4]))
+    # B at the global scaling (times r_max / r_k): 4, 2, .5 -> .8 + .8 + .2, .8 + .2, .2
+    assert_close(glob[f"{L}.B"], torch.tensor([[1.8] * 2 + [1.0] * 2 + [0.2] * 4]))
     assert algo.structure()["weights"]["0"] == pytest.approx({"0": 0.2, "1": 0.4, "2": 0.4})
 
 

@@ -81,6 +81,46 @@ def test_sum_mixing_matches_hand_computation() -> None:
     assert_close(model(_x()), torch.tensor([[8.0, -8.0]]))
 
 
+def test_lora_dropout_drops_the_adapter_input_in_training_only() -> None:
+    model = Tiny()
+    model.layer[0].query.weight.data = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    lm = LoraModel(model, ["query"], None, dropout=0.5)
+    spec = SlotSpec("lora", rank=1, alpha=2.0)  # scaling 2
+    lm.apply_layout(Layout.uniform(lm.module_ids, ModuleLayout((spec,))))
+    lm.load(
+        {
+            "layers.0.query.lora.A": torch.tensor([[1.0, 0.0, 1.0]]),
+            "layers.0.query.lora.B": torch.tensor([[1.0], [-1.0]]),
+        }
+    )
+    x = torch.tensor([[1.0, 2.0, 3.0]] * 64)
+    model.eval()
+    assert_close(model(x), torch.tensor([[6.0 + 8.0, -8.0]] * 64))  # no dropout: W0 x = 6, s B A x = [8, -8]
+    model.train()
+    torch.manual_seed(3)
+    out = model(x)
+    torch.manual_seed(3)
+    kept = torch.nn.functional.dropout(torch.ones_like(x), 0.5)  # the same draw: 0 or 1 / (1 - p) = 2
+    ax = (kept * x) @ torch.tensor([1.0, 0.0, 1.0])
+    # the base path sees the undropped input; only the adapter's input is dropped
+    assert_close(out, torch.stack([6.0 + 2 * ax, -2 * ax], dim=1))
+    assert set(ax.tolist()) == {0.0, 2.0, 6.0, 8.0}  # both coordinates dropped and kept somewhere
+    torch.manual_seed(3)
+    assert_close(model(x), out)  # seeded: the same draws again
+
+
+def test_lora_dropout_zero_draws_nothing_from_the_rng() -> None:
+    lm = LoraModel(Tiny(), ["query"], None)
+    assert all(isinstance(m.lora_dropout, nn.Identity) for m in lm.modules.values())
+    lm.apply_layout(Layout.uniform(lm.module_ids, ModuleLayout((SlotSpec("lora", 1, 1.0),))))
+    lm.model.train()
+    torch.manual_seed(0)
+    lm.model(_x())
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert_close(torch.rand(1), after)
+
+
 def test_lambda_mixing_and_root_layer() -> None:
     model = Tiny()
     lm = LoraModel(model, ["query"], None)

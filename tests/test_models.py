@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.testing import assert_close
 from transformers import BertConfig, BertForMaskedLM
 
 import fedlora.models as models
@@ -207,6 +208,21 @@ def test_two_loads_are_identical_whatever_the_global_seed(name: str, cache_for: 
     torch.rand(5)
     second = load_model(name, task="classification", num_labels=2, head_seed=7)
     _assert_same(_state(first.model), _state(second.model))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_head_init_std_scales_the_seeded_head_and_nothing_else(name: str, cache_for: None) -> None:
+    usual = load_model(name, task="classification", num_labels=3, head_seed=4)
+    wide = load_model(name, task="classification", num_labels=3, head_seed=4, head_init_std=0.2)
+    head_usual, head_wide = _head(usual), _head(wide)
+    for k, v in head_usual.items():
+        # the same seeded draws (Box-Muller, linear in std): weights 10x, biases still zero
+        assert_close(head_wide[k], 10.0 * v)
+    prefix = f"{usual.head_module}."
+    _assert_same(
+        {k: v for k, v in _state(usual.model).items() if not k.startswith(prefix)},
+        {k: v for k, v in _state(wide.model).items() if not k.startswith(prefix)},
+    )
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -135,6 +135,7 @@ def prepare_model(
     precision: str = "fp32",
     quantization: str = "none",
     gradient_checkpointing: bool = False,
+    lora_dropout: float = 0.0,
 ) -> LoraModel:
     """Inject LoRA into ``loaded.model`` and place it for training.
 
@@ -151,7 +152,7 @@ def prepare_model(
     model = loaded.model
     heads = _head_paths(model)
     _cast_base(model, compute_dtype(precision), heads)
-    lora_model = LoraModel(model, target_modules, loaded.head_module)
+    lora_model = LoraModel(model, target_modules, loaded.head_module, lora_dropout)
     if quantization != "none":
         wrapped = [lora_model.paths[mid] for mid in lora_model.module_ids]
 

@@ -32,9 +32,11 @@ class RunConfig:
 class ModelConfig:
     name: str = "minilm-l6"
     head: str = "frozen"
+    head_init_std: float = 0.02
     target_modules: list[str] = field(default_factory=list)
     rank: int = 8
     alpha: float = 16.0
+    lora_dropout: float = 0.0
     ranks: list[int] = field(default_factory=list)
     rank_assignment: str = "round_robin"
     quantization: str = "none"
@@ -47,6 +49,7 @@ class DataConfig:
     alpha: float = 0.5
     num_clients: int = 10
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_train_per_client: int = 0
     max_test_per_client: int = 0
     max_length: int = 64
@@ -183,8 +186,13 @@ def validate(config: Config) -> None:
         ),
         (config.model.rank >= 1, "model.rank must be >= 1"),
         (config.model.alpha > 0, "model.alpha must be > 0"),
+        (
+            0.0 <= config.model.lora_dropout < 1.0,
+            f"model.lora_dropout = {config.model.lora_dropout}: use a probability in [0, 1) (0 disables it)",
+        ),
         (all(r >= 1 for r in config.model.ranks), "model.ranks must all be >= 1"),
         (config.model.head in ("frozen", "local", "federated"), "model.head must be 'frozen', 'local' or 'federated'"),
+        (config.model.head_init_std > 0, f"model.head_init_std = {config.model.head_init_std}: use a value > 0"),
         (
             config.model.rank_assignment in ("list", "round_robin", "random"),
             "model.rank_assignment must be 'list', 'round_robin' or 'random'",
@@ -197,6 +205,10 @@ def validate(config: Config) -> None:
         (config.data.alpha > 0, f"data.alpha = {config.data.alpha}: the Dirichlet concentration must be > 0"),
         (config.data.num_clients >= 1, "data.num_clients must be >= 1"),
         (0 <= config.data.test_fraction < 1, "data.test_fraction must be in [0, 1)"),
+        (
+            0 <= config.data.validation_fraction < 1,
+            f"data.validation_fraction = {config.data.validation_fraction}: use a value in [0, 1) (0 = no carve-out)",
+        ),
         (config.data.max_train_per_client >= 0, "data.max_train_per_client must be >= 0 (0 = no cap)"),
         (config.data.max_test_per_client >= 0, "data.max_test_per_client must be >= 0 (0 = no cap)"),
         (config.data.max_length >= 8, "data.max_length must be >= 8 tokens"),

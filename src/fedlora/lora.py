@@ -238,7 +238,7 @@ class LoRALinear(nn.Module):
     w0: torch.Tensor | None
     folded_update: torch.Tensor | None
 
-    def __init__(self, base: nn.Linear, module_id: ModuleId) -> None:
+    def __init__(self, base: nn.Linear, module_id: ModuleId, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.module_id = module_id
@@ -257,6 +257,9 @@ class LoRALinear(nn.Module):
         self._folded = False
         #: Per-example weights (batch,) replacing the fixed weights of named ``sum`` slots.
         self.instance_weights: Mapping[str, torch.Tensor] | None = None
+        #: Dropout on the adapters' input (peft's ``lora_dropout``), active in training mode only;
+        #: ``Identity`` at 0 so that the default draws nothing from the RNG.
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
 
     def set_layout(self, layout: ModuleLayout) -> None:
         """Allocate (or resize) the slot parameters for ``layout``."""
@@ -320,6 +323,8 @@ class LoRALinear(nn.Module):
         slots = layout.slots
         if not slots:
             return out
+        gate_input = x
+        x = self.lora_dropout(x)
         if layout.mixing == "sum":
             per_example = self.instance_weights or {}
             for spec in slots:
@@ -334,7 +339,7 @@ class LoRALinear(nn.Module):
             lam = self.lam()
             out = out + lam * self._slot_out(x, slots[0]) + (1 - lam) * self._slot_out(x, slots[1])
         else:
-            gates = torch.softmax(self.router(x), dim=-1)
+            gates = torch.softmax(self.router(gate_input), dim=-1)
             for i, spec in enumerate(slots):
                 out = out + gates[..., i : i + 1] * self._slot_out(x, spec)
         return out
@@ -359,9 +364,13 @@ class LoraModel:
         ``query``/``value`` for BERT, ``q_proj``/``v_proj`` for Llama).
     head_module
         Name of the classification head sub-module (``classifier`` or ``score``), or None.
+    dropout
+        Dropout probability on every adapter's input while training (0 disables it).
     """
 
-    def __init__(self, model: nn.Module, target_modules: Iterable[str], head_module: str | None) -> None:
+    def __init__(
+        self, model: nn.Module, target_modules: Iterable[str], head_module: str | None, dropout: float = 0.0
+    ) -> None:
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -377,7 +386,7 @@ class LoraModel:
                 continue
             if mid in self.modules:
                 raise FedLoraError(f"two modules map to {mid.prefix()}: {paths[mid]} and {path}")
-            wrapped = LoRALinear(module, mid)
+            wrapped = LoRALinear(module, mid, dropout)
             parent = model.get_submodule(path.rsplit(".", 1)[0])
             setattr(parent, name, wrapped)
             self.modules[mid] = wrapped

@@ -217,6 +217,46 @@ def best_round(rows: Sequence[Mapping[str, Any]], suffix: str = "") -> dict[str,
     return {"round": best["round"], "row": dict(best)}
 
 
+#: How many of the last evaluations :func:`last_evaluations` averages.
+LAST_EVALUATIONS = 4
+
+
+def last_evaluations(rows: Sequence[Mapping[str, Any]], count: int = LAST_EVALUATIONS) -> dict[str, Any]:
+    """Mean of the last ``count`` evaluations of each protocol, beside the final one.
+
+    Over the aggregate rows that were evaluated (``eval.every`` may skip rounds), the mean
+    of ``personalized_acc_mean`` (trained), ``personalized_acc_mean_received`` and
+    ``global_acc``, each over its own last ``count`` non-null values (None if there is none),
+    and the rounds each mean covers. A final round is one noisy sample; this is steadier.
+    """
+    out: dict[str, Any] = {"count": count}
+    for key in ("personalized_acc_mean", f"personalized_acc_mean{RECEIVED}", "global_acc"):
+        evaluated = [r for r in rows if r.get("client") is None and r.get(key) is not None][-count:]
+        out[key] = float(np.mean([float(r[key]) for r in evaluated])) if evaluated else None
+        out[f"{key}_rounds"] = [int(r["round"]) for r in evaluated]
+    return out
+
+
+def client_majority_accuracy(splits: Sequence[tuple[np.ndarray, np.ndarray]], labels: np.ndarray) -> float:
+    """The client-majority reference: the mean over clients of the share of a client's test
+    examples whose label is its most frequent training label (ties: the smaller label).
+
+    ``splits`` holds each client's (train, test) positions into ``labels``; clients without
+    test examples are left out. A method that only fits each client's label prior reaches
+    this level, so a regime in which methods can differ needs a centralized reference well
+    above it.
+    """
+    scores = []
+    for train, test in splits:
+        if len(test) == 0:
+            continue
+        majority = int(np.bincount(labels[np.asarray(train)]).argmax())
+        scores.append(float(np.mean(labels[np.asarray(test)] == majority)))
+    if not scores:
+        raise FedLoraError("no client has test examples: the client-majority reference needs some")
+    return float(np.mean(scores))
+
+
 def aggregate_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if r.get("client") is None]
 
@@ -245,7 +285,8 @@ def summarize(
     ``personalized`` names the evaluation protocol(s) of the run; ``best`` is the round with
     the best personalized score after local training ("trained") and ``best_received`` the
     best before it ("received"); either is None when its protocol was not run. ``final``
-    holds both protocols' keys (``personalized_*`` and ``personalized_*_received``).
+    holds both protocols' keys (``personalized_*`` and ``personalized_*_received``);
+    ``last`` the mean of each protocol's last 4 evaluations (:func:`last_evaluations`).
 
     ``reported`` holds each client's latest reported metrics; the mixing weights among them
     (``lambda/<module>``, see :class:`~fedlora.algorithms.base.ReportLambdas`) go into
@@ -269,6 +310,7 @@ def summarize(
         "personalized": config.eval.personalized,
         "best": best_round(agg),
         "best_received": best_round(agg, RECEIVED),
+        "last": last_evaluations(agg),
         "wall_seconds": wall_seconds,
         "bytes_up_total": int(sum(r["bytes_up"] for r in agg)),
         "bytes_down_total": int(sum(r["bytes_down"] for r in agg)),

@@ -186,10 +186,10 @@ def _seeded_normal(shape: torch.Size | tuple[int, ...], std: float, generator: t
     return (z * std).to(torch.float32).reshape(shape)
 
 
-def _init_parameters(module: nn.Module, seed: int, *, per_name: bool) -> None:
+def _init_parameters(module: nn.Module, seed: int, *, per_name: bool, std: float = _INIT_STD) -> None:
     """Deterministically initialize every parameter of ``module`` in place.
 
-    Matrices get normal(0, 0.02), biases zero, other vectors (norm scales) one.
+    Matrices get normal(0, std) (0.02 unless given), biases zero, other vectors (norm scales) one.
     ``per_name`` seeds each parameter from its name (independent of which other
     parameters exist); otherwise one generator runs over the parameters in order.
     """
@@ -201,7 +201,7 @@ def _init_parameters(module: nn.Module, seed: int, *, per_name: bool) -> None:
             elif param.dim() >= 2:
                 own_seed = ((seed << 32) ^ zlib.crc32(name.encode())) % _SEED_RANGE
                 gen = torch.Generator().manual_seed(own_seed) if per_name else shared
-                param.copy_(_seeded_normal(param.shape, _INIT_STD, gen))
+                param.copy_(_seeded_normal(param.shape, std, gen))
             else:
                 param.fill_(1.0)
 
@@ -618,7 +618,9 @@ def _under(key: str, prefixes: list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def load_model(name: str, *, task: Task, num_labels: int | None = None, head_seed: int = 0) -> LoadedModel:
+def load_model(
+    name: str, *, task: Task, num_labels: int | None = None, head_seed: int = 0, head_init_std: float = _INIT_STD
+) -> LoadedModel:
     """Load a base model for a task, with a deterministically seeded classification head.
 
     Parameters
@@ -632,8 +634,11 @@ def load_model(name: str, *, task: Task, num_labels: int | None = None, head_see
         Number of classes, required (>= 2) for classification; ignored for causal LM.
     head_seed
         Seed of the classification head. The head's parameters are re-initialized from a
-        generator seeded with it (weights normal(0, 0.02), biases zero), independent of the
-        global RNG, so every client and every run shares the same head.
+        generator seeded with it (weights normal(0, ``head_init_std``), biases zero),
+        independent of the global RNG, so every client and every run shares the same head.
+    head_init_std
+        Standard deviation of the head's weight matrices (0.02, transformers' usual
+        ``initializer_range``, unless given). A frozen head's logits scale with it.
 
     Returns
     -------
@@ -669,7 +674,7 @@ def load_model(name: str, *, task: Task, num_labels: int | None = None, head_see
     with torch.random.fork_rng(devices=[]):
         source = build_source()
         tokenizer = _read_tokenizer(source, task)
-        hf_model, head_module = _load_hf_model(source, task, num_labels, head_seed, tokenizer)
+        hf_model, head_module = _load_hf_model(source, task, num_labels, (head_seed, head_init_std), tokenizer)
     model: nn.Module = hf_model
     model.eval()
     return LoadedModel(
@@ -683,7 +688,11 @@ def load_model(name: str, *, task: Task, num_labels: int | None = None, head_see
 
 
 def _load_hf_model(
-    source: Path, task: Task, num_labels: int | None, head_seed: int, tokenizer: PreTrainedTokenizerBase
+    source: Path,
+    task: Task,
+    num_labels: int | None,
+    head_init: tuple[int, float],
+    tokenizer: PreTrainedTokenizerBase,
 ) -> tuple[PreTrainedModel, str | None]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -720,7 +729,7 @@ def _load_hf_model(
                     "it cannot be used for the task"
                 ) from exc
             raise
-    heads = _seed_head(model, head_seed, source) if task == "classification" else []
+    heads = _seed_head(model, head_init, source) if task == "classification" else []
     if heads:
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
@@ -738,11 +747,12 @@ def _load_hf_model(
     return model, (heads[-1] if heads else None)  # the output projection when a head has several parts
 
 
-def _seed_head(model: nn.Module, head_seed: int, source: Path) -> list[str]:
-    """Re-initialize the classification head from ``head_seed``; return its part names."""
+def _seed_head(model: nn.Module, head_init: tuple[int, float], source: Path) -> list[str]:
+    """Re-initialize the classification head from ``head_init`` = (seed, std); return its part names."""
+    head_seed, std = head_init
     heads = _head_modules(model)
     if not heads:
         raise FedLoraError(f"cannot find the classification head of the {type(model).__name__} in {source}")
     for i, head in enumerate(heads):
-        _init_parameters(model.get_submodule(head), head_seed + i, per_name=False)
+        _init_parameters(model.get_submodule(head), head_seed + i, per_name=False, std=std)
     return heads

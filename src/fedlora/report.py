@@ -16,7 +16,7 @@ import numpy as np
 
 from fedlora.algorithms import get_algorithm
 from fedlora.errors import FedLoraError
-from fedlora.metrics import RECEIVED, aggregate_rows, read_metrics
+from fedlora.metrics import LAST_EVALUATIONS, RECEIVED, aggregate_rows, read_metrics
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -238,7 +238,8 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
     }
     head = "| algorithm |"
     for name, suffix in protocols:
-        head += f" personalized {label} {name} (final) | personalized {label} {name} (best) | best round {name} |"
+        head += f" personalized {label} {name} (final) | mean of last {LAST_EVALUATIONS} {name} |"
+        head += f" personalized {label} {name} (best) | best round {name} |"
         head += "".join(f" {g} {label} {name} (final) |" for g in group_names[suffix])
     head += f" global {label} (final) | upload / round | download / round | trainable % | wall s "
     head += "| peak RSS | peak accel. mem |"
@@ -250,14 +251,17 @@ def comparison_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> tu
         for _, suffix in protocols:
             key = f"personalized_acc_mean{suffix}"
             finals = [(s["final"] or {}).get(key) for s in runs]
+            lasts = [(s.get("last") or {}).get(key) for s in runs]
             bests = [(s.get(_best_key(suffix)) or {}).get("row", {}).get(key) for s in runs]
             best_rounds = [s[_best_key(suffix)]["round"] + 1 for s in runs if s.get(_best_key(suffix))]
             per_group = {
                 g: [_final_groups(s, suffix).get(g, {}).get(metric) for s in runs] for g in group_names[suffix]
             }
-            cells += f" {_mean_std(finals)} | {_mean_std(bests)} | {','.join(map(str, best_rounds))} |"
+            cells += f" {_mean_std(finals)} | {_mean_std(lasts)} | {_mean_std(bests)} |"
+            cells += f" {','.join(map(str, best_rounds))} |"
             cells += "".join(f" {_mean_std(v)} |" for v in per_group.values())
             entry[f"personalized_acc{suffix}_final"] = finals
+            entry[f"personalized_acc{suffix}_last"] = lasts
             entry[f"personalized_acc{suffix}_best"] = bests
             entry[f"best_round{suffix}"] = best_rounds
             if per_group:

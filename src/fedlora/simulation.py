@@ -124,7 +124,10 @@ class Federation:
 
 
 def client_splits(config: Config, dataset: TextDataset) -> list[ClientSplit]:
-    """Partition a data set into the config's clients and split each into train and test."""
+    """Partition a data set into the config's clients and split each into train and test.
+
+    With ``data.validation_fraction > 0`` the returned ``test`` of each client is a
+    validation split carved from its training examples (after the caps) instead."""
     d = config.data
     if d.num_clients > len(dataset.texts):
         raise FedLoraError(
@@ -147,6 +150,15 @@ def client_splits(config: Config, dataset: TextDataset) -> list[ClientSplit]:
         max_train=d.max_train_per_client or None,
         max_test=d.max_test_per_client or None,
     )
+    if d.validation_fraction > 0:
+        # Tuning: each client's evaluation split is carved from its own training examples,
+        # so the test split is never read.
+        splits = split_clients(
+            [s.train for s in splits],
+            test_fraction=d.validation_fraction,
+            seed=config.run.seed,
+            max_test=d.max_test_per_client or None,
+        )
     empty = [i for i, s in enumerate(splits) if len(s.train) == 0]
     if empty:
         raise FedLoraError(
@@ -167,7 +179,13 @@ def load_lora_model(
             "(no classification head): leave model.head = 'frozen'"
         )
     num_labels = (num_labels or len(dataset.label_names)) if task == "classification" else None
-    loaded = load_model(config.model.name, task=task, num_labels=num_labels, head_seed=config.run.seed)
+    loaded = load_model(
+        config.model.name,
+        task=task,
+        num_labels=num_labels,
+        head_seed=config.run.seed,
+        head_init_std=config.model.head_init_std,
+    )
     targets = config.model.target_modules or list(loaded.default_targets)
     lora_model = prepare_model(
         loaded,
@@ -176,6 +194,7 @@ def load_lora_model(
         precision=config.train.precision,
         quantization=config.model.quantization,
         gradient_checkpointing=config.train.gradient_checkpointing,
+        lora_dropout=config.model.lora_dropout,
     )
     return loaded, lora_model
 

@@ -4,7 +4,8 @@ Paper: Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Fo
 Models" (arXiv 2401.06432).
 
 As ``zeropad`` (server factors at ``r_max``; client ``k`` takes the leading ``r_k``
-components; uploads zero-padded), but each module's factors are averaged with weights
+components, rescaled so that it starts from the global model's truncation at the global
+scaling; uploads rescaled back and zero-padded), but each module's factors are averaged with weights
 proportional to the norm of the client's update on that module,
 ``p_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F`` (sparsity-weighted aggregation:
 clients that moved more count more). A module on which every client's product is zero

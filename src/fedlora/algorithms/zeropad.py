@@ -8,7 +8,15 @@ first ``r_k`` rows of ``A`` and columns of ``B`` and trains them with scaling
 ``s_k = alpha / r_k``; uploads are zero-padded back to ``r_max`` and averaged factor-wise,
 so components a client does not hold are pulled towards zero by its weight.
 
-The global model is the rank-``r_max`` LoRA with scaling ``alpha / r_max``.
+The global model is the rank-``r_max`` LoRA with scaling ``s = alpha / r_max``. A client
+starts from the global model's own rank-``r_k`` truncation at that scaling: its ``B``
+columns are multiplied by ``s / s_k = r_k / r_max`` on the way down and by
+``r_max / r_k`` on the way up, so ``s_k B_k A_k = s B[:, :r_k] A[:r_k]`` exactly and an
+upload enters the average as the client's own update. Without it a rank-2 client of a
+rank-16 federation would start from 8x the global model's rank-2 part. **[choice]** The
+FlexLoRA authors' HetLoRA baseline splits the same factor as a square root over ``A``
+and ``B``; putting all of it on ``B`` gives the same products and keeps every client's
+``A`` rows in the units of the shared seeded init (``B`` starts at zero).
 
 Options
 -------
@@ -50,6 +58,22 @@ def truncate_factor(key: str, value: torch.Tensor, rank: int) -> torch.Tensor:
     return value[:rank] if parse_key(key).factor == "A" else value[:, :rank]
 
 
+def to_client(key: str, value: torch.Tensor, rank: int, r_max: int) -> torch.Tensor:
+    """A global factor (scaling ``alpha / r_max``) as the rank-``rank`` client's start (``alpha / rank``).
+
+    The first ``rank`` components, ``B`` times ``rank / r_max``: ``s_k B_k A_k = s B_r A_r``.
+    """
+    value = truncate_factor(key, value, rank)
+    return value * (rank / r_max) if parse_key(key).factor == "B" else value
+
+
+def to_global(key: str, value: torch.Tensor, r_max: int) -> torch.Tensor:
+    """A client's uploaded factor at the global scaling (``B`` times ``r_max / r_k``), padded to ``r_max``."""
+    if parse_key(key).factor == "B":
+        value = value.float() * (r_max / value.shape[1])
+    return pad_factor(key, value, r_max)
+
+
 @register
 class ZeroPad(Algorithm):
     name = "zeropad"
@@ -79,12 +103,13 @@ class ZeroPad(Algorithm):
         payloads: dict[int, Payload] = {}
         for c in clients:
             rank = self.client_rank(c)
-            tensors = {k: truncate_factor(k, v, rank) for k, v in self.global_lora.items()}
+            tensors = {k: to_client(k, v, rank, self.r_max) for k, v in self.global_lora.items()}
             payloads[c] = Payload(self.layout(rank), tensors)
         return payloads
 
     def padded(self, updates: Mapping[int, Update]) -> dict[int, Tensors]:
-        return {c: {k: pad_factor(k, v, self.r_max) for k, v in u.tensors.items()} for c, u in updates.items()}
+        """Uploads at the global scaling (``B`` times ``s_k / s``), zero-padded to ``r_max``."""
+        return {c: {k: to_global(k, v, self.r_max) for k, v in u.tensors.items()} for c, u in updates.items()}
 
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates:
