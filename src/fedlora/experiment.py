@@ -16,7 +16,7 @@ functions; a notebook or a benchmark script calls the same code and gets the sum
     result.summaries["fedit"][0]["final"]
 
 A summary is the content of the run directory's ``summary.json`` (see
-:func:`fedlora.metrics.summarize`).
+:func:`fedlora.simulation.summarize`).
 """
 
 from __future__ import annotations
