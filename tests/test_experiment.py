@@ -77,6 +77,13 @@ def test_compare_checks_its_arguments(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_a_failing_run_in_a_worker_raises_its_error(tmp_path: Path) -> None:
+    config = load_config(SMOKE, ["model.name='no-such-model'"])
+    with pytest.raises(FedLoraError, match="unknown model 'no-such-model'"):
+        compare(config, ["fedit", "local"], out=tmp_path, jobs=2)
+    assert not (tmp_path / "comparison.md").exists()
+
+
 def test_parse_variant_reads_values_as_toml() -> None:
     assert parse_variant("fedtreelora:fixed_k=4:tau=0.3:name_like=abc") == (
         "fedtreelora",

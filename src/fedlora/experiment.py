@@ -340,10 +340,15 @@ def compare(
                 pool.submit(_run_variant_in_worker, config, run_dir, reuse, overwrite) for *_, config, run_dir in runs
             ]
             results = []
-            for (spec, seed, _, _), future in zip(runs, futures, strict=True):
-                results.append(future.result())
-                if not quiet:
-                    print(f"{spec} s{seed}: done in {results[-1]['wall_seconds']:.0f} s", flush=True)
+            try:
+                for (spec, seed, _, _), future in zip(runs, futures, strict=True):
+                    results.append(future.result())
+                    if not quiet:
+                        print(f"{spec} s{seed}: done in {results[-1]['wall_seconds']:.0f} s", flush=True)
+            except BaseException:
+                # one run failed (or the user interrupted): start no further runs
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     summaries: dict[str, list[Summary]] = {}
     for (spec, *_), summary in zip(runs, results, strict=True):
         summaries.setdefault(spec, []).append(summary)
