@@ -1,8 +1,5 @@
-"""LoRA injected into a model, and the one state-dict boundary.
-
-Nothing outside this package touches adapter parameters by name: algorithms and runtimes
-move tensors through :meth:`LoraModel.read` and :meth:`LoraModel.load`.
-"""
+"""LoRA injected into a model (:class:`LoraModel`), and the one state-dict boundary its
+:meth:`~LoraModel.read` and :meth:`~LoraModel.load` are."""
 
 from __future__ import annotations
 
