@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/fedlora compare configs/default.toml --algorithms local,fedit,fedtreelora:warmup_rounds=2 --out runs/default --overwrite
+	$(VENV)/bin/fedlora compare configs/default.toml --algorithms local,fedit,fedtreelora:warmup_rounds=2 --out runs/default --overwrite --jobs 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

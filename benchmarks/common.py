@@ -8,9 +8,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedlora.cli import reuse_run
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
+from fedlora.experiment import reuse_run
 
 ROOT = Path(__file__).parent.parent
 
@@ -101,7 +101,7 @@ def tuned_lr(args: argparse.Namespace, dataset: str, algorithm: str) -> list[str
 def run_config(out_root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     """Run ``configs/default.toml`` with ``overrides`` into ``out_root/name``; return its summary.
 
-    Goes through :func:`fedlora.cli.reuse_run`: a finished run with the same settings is
+    Goes through :func:`fedlora.experiment.reuse_run`: a finished run with the same settings is
     read back, an interrupted one continued, a shorter one extended (so ``--rounds 16`` over
     an 8-round ``--out`` adds 8 rounds to each run), and one with other settings refused.
     Each directory holds the whole output contract, plots included.

@@ -22,8 +22,8 @@ from typing import Any
 
 from common import WARMUP_ALGORITHMS
 from fedlora.algorithms import registry
-from fedlora.cli import run_one
 from fedlora.config import load_config
+from fedlora.experiment import run_experiment
 
 ROOT = Path(__file__).parent.parent
 DEFAULT_ALGORITHMS = "local,fedit,fedtreelora,fedsa,feddpa,fedalt,fedlease"
@@ -78,7 +78,7 @@ def main() -> None:
             continue
         warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if algo in WARMUP_ALGORITHMS else []
         config = load_config(Path(args.config), [*args.set, f"algorithm.name='{algo}'", *warmup])
-        summaries[algo] = run_one(config, out / algo, resume=False, overwrite=True, quiet=True)
+        summaries[algo] = run_experiment(config, out / algo, overwrite=True)
         print(f"{algo}: {summaries[algo]['wall_seconds']:.0f} s", flush=True)
     text = table(summaries)
     print(text)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from fedlora.client import derive_seed
 from fedlora.config import load_config
+from fedlora.seeds import derive_seed
 from fedlora.simulation import Simulation, build_federation, sample_clients
 
 ROOT = Path(__file__).parent.parent

@@ -17,6 +17,8 @@ from torch.testing import assert_close
 from transformers import BertConfig, BertForMaskedLM
 
 import fedlora.models as models
+import fedlora.models.builders as builders
+import fedlora.models.cache as cache
 from fedlora.errors import FedLoraError
 from fedlora.models import MODEL_CATALOG, LoadedModel, asset_dir, cache_dir, load_model, load_tokenizer
 
@@ -346,41 +348,41 @@ def test_failed_build_leaves_nothing(fresh_cache: Path) -> None:
         raise KeyboardInterrupt  # e.g. the process is interrupted halfway
 
     with pytest.raises(KeyboardInterrupt):
-        models._ensure_cached("tiny-bert", broken)
+        cache.ensure_cached("tiny-bert", broken)
     assert list(fresh_cache.iterdir()) == []
-    target = models._ensure_cached("tiny-bert", _fake_build("good"))
+    target = cache.ensure_cached("tiny-bert", _fake_build("good"))
     assert (target / "config.json").read_text() == "good"
     assert [p.name for p in fresh_cache.iterdir()] == ["tiny-bert"]
-    assert models._ensure_cached("tiny-bert", _fake_build("again")) == target  # reused, not rebuilt
+    assert cache.ensure_cached("tiny-bert", _fake_build("again")) == target  # reused, not rebuilt
     assert (target / "config.json").read_text() == "good"
 
 
 def test_losing_a_race_uses_the_winners_copy(fresh_cache: Path) -> None:
     def slow(out: Path) -> None:
         # Another process finishes the same entry while this one is still building.
-        models._ensure_cached("tiny-bert", _fake_build("winner"))
+        cache.ensure_cached("tiny-bert", _fake_build("winner"))
         (out / "config.json").write_text("loser")
 
-    target = models._ensure_cached("tiny-bert", slow)
+    target = cache.ensure_cached("tiny-bert", slow)
     assert (target / "config.json").read_text() == "winner"
     assert [p.name for p in fresh_cache.iterdir()] == ["tiny-bert"]
 
 
 def test_stale_entries_and_foreign_dirs(fresh_cache: Path) -> None:
-    target = models._ensure_cached("tiny-bert", _fake_build("old"))
-    (target / models._MARKER).write_text(json.dumps({"entry": "tiny-bert", "version": 0}))
+    target = cache.ensure_cached("tiny-bert", _fake_build("old"))
+    (target / cache.MARKER).write_text(json.dumps({"entry": "tiny-bert", "version": 0}))
     old_temp = fresh_cache / ".tiny-bert.tmp-killed"
     old_temp.mkdir()
-    hour_ago = time.time() - 2 * models._STALE_TEMP_S
+    hour_ago = time.time() - 2 * cache.STALE_TEMP_S
     os.utime(old_temp, (hour_ago, hour_ago))
-    target = models._ensure_cached("tiny-bert", _fake_build("new"))
+    target = cache.ensure_cached("tiny-bert", _fake_build("new"))
     assert (target / "config.json").read_text() == "new"
     assert sorted(p.name for p in fresh_cache.iterdir()) == ["tiny-bert"]
     foreign = fresh_cache / "tiny-llama"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("user data")
     with pytest.raises(FedLoraError, match="not written by fedlora"):
-        models._ensure_cached("tiny-llama", _fake_build("x"))
+        cache.ensure_cached("tiny-llama", _fake_build("x"))
     assert (foreign / "mine.txt").read_text() == "user data"
 
 
@@ -410,15 +412,15 @@ def test_smollm2_conversion_is_cached_and_sensible(
     assert source == shared_cache / "smollm2-135m"
     config = json.loads((source / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    for file in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", models._MARKER):
+    for file in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", cache.MARKER):
         assert (source / file).is_file(), file
     assert not list(shared_cache.glob(".smollm2-135m.tmp-*"))  # no half-written conversion left behind
     weights_mtime = (source / "model.safetensors").stat().st_mtime_ns
 
-    def no_gguf(out: Path) -> None:
+    def no_gguf(out: Path, tokenizer_dir: Path) -> None:
         raise AssertionError("the GGUF was converted again")
 
-    monkeypatch.setattr(models, "_build_smollm2", no_gguf)
+    monkeypatch.setattr(builders, "build_smollm2", no_gguf)
     again = load_model("smollm2-135m", task="causal_lm")
     assert again.source == first.source
     assert (source / "model.safetensors").stat().st_mtime_ns == weights_mtime
@@ -494,7 +496,7 @@ def test_mpnet_base_is_assembled_once_and_checksummed(shared_cache: Path) -> Non
     assert loaded.model.config.model_type == "mpnet" and loaded.model.config.num_hidden_layers == 12
     assert 109_000_000 < sum(p.numel() for p in loaded.model.parameters()) < 110_000_000
     entry = shared_cache / "mpnet-base"
-    assert sorted(p.name for p in entry.iterdir()) == sorted([*models._MPNET_FILES, "fedlora-cache.json"])
+    assert sorted(p.name for p in entry.iterdir()) == sorted([*builders.MPNET_FILES, "fedlora-cache.json"])
     stamp = (entry / "model.safetensors").stat().st_mtime_ns
     load_model("mpnet-base", task="classification", num_labels=3)
     assert (entry / "model.safetensors").stat().st_mtime_ns == stamp

@@ -41,7 +41,11 @@ def _run(tmp_path: Path, algorithm: str, *options: str) -> tuple[Path, dict, lis
 )
 def test_smoke_runs_and_bytes(tmp_path: Path, algorithm: str, options: tuple[str, ...], up: int, down: int) -> None:
     _, summary, rows = _run(tmp_path, algorithm, *options)
-    assert summary["algorithm"] == algorithm and summary["final"]["personalized_acc_mean"] is not None
+    assert summary["algorithm"] == algorithm
+    # the final personalized score is the mean over the last round's clients of correct / 16
+    last = [r for r in rows if r["round"] == summary["rounds"] - 1]
+    assert len(last) == 4 and all(r["n"] == 16 and r["acc"] * 16 == round(r["acc"] * 16) for r in last)
+    assert summary["final"]["personalized_acc_mean"] == pytest.approx(sum(r["acc"] for r in last) / 4)
     assert all(r["bytes_up"] == up and r["bytes_down"] == down for r in rows)
 
 

@@ -307,8 +307,8 @@ def test_compare_reuse_keeps_continues_extends_and_refuses(tmp_path: Path, capsy
 
 
 def test_reuse_run_fills_in_option_defaults(tmp_path: Path) -> None:
-    from fedlora.cli import reuse_run
     from fedlora.config import load_config
+    from fedlora.experiment import reuse_run
 
     run_dir = tmp_path / "run"
     assert main(["run", SMOKE, "--out", str(run_dir), "--set", "run.rounds=1", "--quiet"]) == 0

@@ -12,157 +12,19 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.errors import FedLoraError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from fedlora.config import Config
 
 EXIT_USER_ERROR = 2
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _run_dir(config: Any, out: str | None, suffix: str = "") -> Path:
-    if out:
-        return Path(out)
-    return Path(config.run.out) / f"{config.run.name}_{config.algorithm_name}_s{config.run.seed}{suffix}"
-
-
-def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FedLoraError(
-                f"{run_dir} already holds a run; pass --overwrite to replace it, --resume to continue it, "
-                "or choose another --out"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def run_one(
-    config: Any, run_dir: Path, *, resume: bool, overwrite: bool, quiet: bool = False, last_good: bool = False
-) -> dict[str, Any]:
-    """Run (or resume) one configuration into ``run_dir`` with a progress bar.
-
-    ``last_good``: when resuming, skip a damaged latest checkpoint for the newest intact one.
-    """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from fedlora.checkpoint import write_atomic
-    from fedlora.report import draw_run
-    from fedlora.simulation import Simulation, sample_clients
-
-    if not resume:
-        _prepare_dir(run_dir, overwrite)
-    console = _console()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("loading", total=None, status="")
-        state: dict[str, Any] = {"last": ""}
-
-        def on_progress(rnd: int, client: int | None) -> None:
-            if client is None:
-                row = sim.log.rows()[-1]
-                acc = row.get("personalized_acc_mean")
-                glob = row.get("global_acc")
-                state["last"] = (f"round {rnd + 1}: pers {acc:.3f}" if acc is not None else f"round {rnd + 1}") + (
-                    f" global {glob:.3f}" if glob is not None else ""
-                )
-                progress.update(task, status=state["last"])
-            else:
-                progress.advance(task)
-
-        sim = Simulation(config, run_dir, on_progress)
-        if resume:
-            sim.resume(last_good=last_good)
-        else:
-            write_atomic(run_dir / "config.toml", config.to_toml().encode())
-        ids = sim.fed.client_ids
-        total = sum(len(sample_clients(config, ids, r)) for r in range(config.run.rounds))
-        done = sum(len(sample_clients(config, ids, r)) for r in range(sim.next_round))
-        progress.update(task, description=f"{config.algorithm_name} s{config.run.seed}", total=total, completed=done)
-        summary = sim.run()
-    draw_run(run_dir)
-    return summary
-
-
-#: Settings a run directory may differ in and still be reused: where it lives and how long it runs.
-_REUSABLE_DIFFERENCES = {"run.name", "run.out", "run.rounds"}
-
-
-def _settings(config: Any) -> dict[str, Any]:
-    """Every setting of ``config`` as ``section.key``, the algorithm's options with their defaults filled in."""
-    import dataclasses
-
-    from fedlora.algorithms import get_algorithm, parse_options
-
-    sections = config.to_dict()
-    options = parse_options(get_algorithm(config.algorithm_name), config.algorithm_options)
-    sections["algorithm"] = {"name": config.algorithm_name, **dataclasses.asdict(options)}
-    return {f"{section}.{key}": value for section, keys in sections.items() for key, value in keys.items()}
-
-
-def reuse_run(config: Any, run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Run ``config`` into ``run_dir``, reusing what the directory holds; return the summary.
-
-    An empty or missing directory gets a fresh run. A run with the same settings is
-    returned as it is when it has ``config.run.rounds`` rounds, continued from its latest
-    checkpoint when it was interrupted, and extended when it is shorter (exact: no
-    algorithm depends on the total number of rounds). A run with other settings, a longer
-    run, or a directory that holds something else is refused.
-    """
-    from fedlora.checkpoint import write_atomic
-    from fedlora.config import load_config
-
-    saved_file = run_dir / "config.toml"
-    if not saved_file.is_file():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise FedLoraError(
-                f"{run_dir} is not empty but holds no fedlora run; pass --overwrite or choose another --out"
-            )
-        return run_one(config, run_dir, resume=False, overwrite=False, quiet=quiet)
-    saved = load_config(saved_file)
-    old, new = _settings(saved), _settings(config)
-    differs = sorted(k for k in old.keys() | new.keys() if k not in _REUSABLE_DIFFERENCES and old.get(k) != new.get(k))
-    if differs:
-        shown = ", ".join(f"{k} = {old.get(k)!r} there, {new.get(k)!r} here" for k in differs[:3])
-        raise FedLoraError(
-            f"{run_dir} holds a run with other settings ({shown}); pass --overwrite or choose another --out"
-        )
-    if saved.run.rounds > config.run.rounds:
-        raise FedLoraError(
-            f"{run_dir} holds a {saved.run.rounds}-round run, asked for {config.run.rounds}; "
-            "pass --overwrite or choose another --out"
-        )
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file():
-        summary: dict[str, Any] = json.loads(summary_file.read_text())
-        if summary["rounds"] == config.run.rounds:
-            return summary
-    write_atomic(saved_file, config.to_toml().encode())
-    return run_one(config, run_dir, resume=True, overwrite=False, quiet=quiet)
-
-
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace) -> Config:
     from fedlora.config import load_config
 
     return load_config(Path(args.config) if args.config else None, args.set)
@@ -171,6 +33,7 @@ def _load(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.checkpoint import write_atomic
     from fedlora.config import load_config
+    from fedlora.experiment import default_run_dir, run_experiment
 
     if args.resume_from_last_good and not args.resume:
         raise FedLoraError("--resume-from-last-good goes with --resume DIR")
@@ -183,8 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_atomic(run_dir / "config.toml", config.to_toml().encode())
     else:
         config = _load(args)
-        run_dir = _run_dir(config, args.out)
-    summary = run_one(
+        run_dir = Path(args.out) if args.out else default_run_dir(config)
+    summary = run_experiment(
         config,
         run_dir,
         resume=bool(args.resume),
@@ -215,81 +78,24 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"run directory: {run_dir}")
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name:key=value:key=value`` (values read as TOML) -> (name, options)."""
-    import tomllib
-
-    name, *pairs = spec.split(":")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise FedLoraError(f"--algorithms entry {spec!r}: expected name:key=value, e.g. fedtreelora:fixed_k=4")
-        key, text = pair.split("=", 1)
-        try:
-            options[key.strip()] = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            options[key.strip()] = text
-    return name.strip(), options
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.algorithms import get_algorithm, parse_options
-    from fedlora.config import load_config
-    from fedlora.report import comparison_table
+    from fedlora.experiment import compare
 
-    base = _load(args)
-    specs = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.run.seed]
-    variants: dict[str, dict[str, Any]] = {}
-    for spec in specs:
-        name, options = parse_variant(spec)
-        algorithm = (
-            {**base.algorithm, **options, "name": name} if name == base.algorithm_name else {**options, "name": name}
-        )
-        parse_options(get_algorithm(name), {k: v for k, v in algorithm.items() if k != "name"})
-        variants[spec] = algorithm
-    out = Path(args.out) if args.out else Path(base.run.out) / f"{base.run.name}_compare"
-
-    def run_dir_of(spec: str, seed: int) -> Path:
-        return out / f"{spec.replace(':', '_').replace('=', '-')}_s{seed}"
-
-    if args.reuse and args.overwrite:
-        raise FedLoraError("--reuse keeps the runs --overwrite would replace: pass one of them")
-    if not args.overwrite and not args.reuse:
-        taken = [out / f for f in ("comparison.md", "comparison.json") if (out / f).exists()]
-        taken += [d for d in (run_dir_of(v, s) for v in variants for s in seeds) if d.exists() and any(d.iterdir())]
-        if taken:
-            raise FedLoraError(
-                f"{taken[0]} already exists; pass --overwrite to replace the comparison, or choose another --out"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    summaries: dict[str, list[dict[str, Any]]] = {}
-    run_dirs: list[Path] = []
-    for spec, algorithm in variants.items():
-        for seed in seeds:
-            config = load_config(Path(args.config) if args.config else None, [*args.set, f"run.seed={seed}"])
-            config.algorithm = dict(algorithm)
-            run_dir = run_dir_of(spec, seed)
-            summaries.setdefault(spec, []).append(
-                reuse_run(config, run_dir, quiet=args.quiet)
-                if args.reuse
-                else run_one(config, run_dir, resume=False, overwrite=args.overwrite, quiet=args.quiet)
-            )
-            run_dirs.append(run_dir)
-    table, data = comparison_table(summaries)
-    header = (
-        f"# Comparison: {base.data.dataset}, {base.model.name}, {base.data.num_clients} clients, "
-        f"{base.run.rounds} rounds, seeds {seeds}\n\nAccuracies in % (mean ± std over seeds when several). "
-        "Personalized scores by protocol: *trained* = each client after its local training, *received* = "
-        "each client on the model it was sent, before training (eval.personalized).\n\n"
+    result = compare(
+        _load(args),
+        args.algorithms.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        out=Path(args.out) if args.out else None,
+        overwrite=args.overwrite,
+        reuse=args.reuse,
+        jobs=args.jobs,
+        quiet=args.quiet,
     )
-    (out / "comparison.md").write_text(header + table)
-    (out / "comparison.json").write_text(json.dumps(data, indent=2))
-    print(header + table)
+    print(result.markdown)
     print("run directories:")
-    for d in run_dirs:
+    for d in result.run_dirs:
         print(f"  {d}")
-    print(f"comparison: {out / 'comparison.md'}")
+    print(f"comparison: {result.out / 'comparison.md'}")
     return 0
 
 
@@ -363,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flower() -> Any:
+def _flower() -> ModuleType:
     try:
         import flwr  # noqa: F401
     except ImportError:
@@ -375,11 +181,12 @@ def _flower() -> Any:
 
 def cmd_flower_simulate(args: argparse.Namespace) -> int:
     _flower()
+    from fedlora.experiment import default_run_dir, prepare_run_dir
     from fedlora.flower.simulate import simulate
 
     config = _load(args)
-    run_dir = _run_dir(config, args.out, suffix="_flower")
-    _prepare_dir(run_dir, args.overwrite)
+    run_dir = Path(args.out) if args.out else default_run_dir(config, suffix="_flower")
+    prepare_run_dir(run_dir, args.overwrite)
     simulate([(config, run_dir)], cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     _print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
     return 0
@@ -428,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse",
         action="store_true",
         help="keep finished runs with the same settings; continue interrupted ones, extend shorter ones",
+    )
+    p_cmp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N runs at once, each in its own process with one torch thread (results as with 1)",
     )
     p_cmp.set_defaults(func=cmd_compare)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from fedlora.config import TrainConfig
 from fedlora.heads import is_head_key
 from fedlora.lora import LoraModel, init_state
 from fedlora.metrics import RECEIVED
+from fedlora.seeds import derive_seed
 from fedlora.tasks import EvalResult, Objective
 
 if TYPE_CHECKING:
@@ -37,12 +37,7 @@ if TYPE_CHECKING:
 #: Prefix of the hooks' private state among a client's private tensors (never loaded into the model).
 HOOK_STATE = "hook/"
 
-__all__ = ["ClientContext", "ClientOutcome", "ClientRunner", "EvalResult", "client_round", "derive_seed"]
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (run seed, round, client, purpose)."""
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
+__all__ = ["ClientContext", "ClientOutcome", "ClientRunner", "EvalResult", "client_round"]
 
 
 class ClientRunner:

@@ -1,4 +1,5 @@
-"""Metrics rows (``metrics.jsonl``), round aggregates and ``summary.json``.
+"""Metrics rows (``metrics.jsonl``), round aggregates and the pieces of ``summary.json``
+(written by :func:`fedlora.simulation.summarize`).
 
 Per-client rows: ``{"round", "client", "split", "acc", "loss", "n", "train_loss",
 "bytes_up", "bytes_down", "n_train"}``. Round aggregate rows have ``"client": null`` and
@@ -35,7 +36,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -43,11 +44,6 @@ from fedlora.algorithms.base import LAMBDA_REPORT
 from fedlora.checkpoint import write_atomic
 from fedlora.errors import FedLoraError
 from fedlora.tasks import EvalResult, group_means, pool_groups
-
-if TYPE_CHECKING:
-    from fedlora.config import Config
-    from fedlora.simulation import Federation
-
 
 MEASUREMENTS = ("seconds", "peak_rss_bytes", "peak_accel_bytes")
 """Fields of an aggregate row that measure the machine (time, memory): they differ between
@@ -270,64 +266,3 @@ def client_lambdas(reported: Mapping[int, Mapping[str, float]]) -> dict[str, dic
             if key.startswith(LAMBDA_REPORT):
                 out.setdefault(str(client), {})[key.removeprefix(LAMBDA_REPORT)] = float(value)
     return out
-
-
-def summarize(
-    config: Config,
-    fed: Federation,
-    rows: Sequence[Mapping[str, Any]],
-    wall_seconds: float,
-    trainable_params: int,
-    reported: Mapping[int, Mapping[str, float]] | None = None,
-) -> dict[str, Any]:
-    """``summary.json``: the run's identity, final and best rows, totals and structure.
-
-    ``personalized`` names the evaluation protocol(s) of the run; ``best`` is the round with
-    the best personalized score after local training ("trained") and ``best_received`` the
-    best before it ("received"); either is None when its protocol was not run. ``final``
-    holds both protocols' keys (``personalized_*`` and ``personalized_*_received``);
-    ``last`` the mean of each protocol's last 4 evaluations (:func:`last_evaluations`).
-
-    ``reported`` holds each client's latest reported metrics; the mixing weights among them
-    (``lambda/<module>``, see :class:`~fedlora.algorithms.base.ReportLambdas`) go into
-    ``structure["lambdas"]`` per client and module: the server never sees theta itself.
-    """
-    agg = aggregate_rows(rows)
-    total_params = fed.lora_model.base_param_count() + trainable_params
-    structure = fed.algorithm.structure()
-    lambdas = client_lambdas(reported or {})
-    if lambdas:
-        structure = {**structure, "lambdas": lambdas}
-    return {
-        "algorithm": config.algorithm_name,
-        "dataset": config.data.dataset,
-        "model": config.model.name,
-        "num_clients": len(fed.client_ids),
-        "rounds": config.run.rounds,
-        "seed": config.run.seed,
-        "metric": fed.runner.objective.metric,
-        "final": agg[-1] if agg else None,
-        "personalized": config.eval.personalized,
-        "best": best_round(agg),
-        "best_received": best_round(agg, RECEIVED),
-        "last": last_evaluations(agg),
-        "wall_seconds": wall_seconds,
-        "bytes_up_total": int(sum(r["bytes_up"] for r in agg)),
-        "bytes_down_total": int(sum(r["bytes_down"] for r in agg)),
-        "trainable_params": trainable_params,
-        "trainable_percent": 100.0 * trainable_params / total_params if total_params else None,
-        "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
-        "structure": structure,
-        "failures": [f for r in agg for f in r.get("failures", [])],
-        "device": str(fed.runner.objective.device),
-        "precision": config.train.precision,
-        "quantization": config.model.quantization,
-        "peak_rss_bytes": _peak(agg, "peak_rss_bytes"),
-        "peak_accel_bytes": _peak(agg, "peak_accel_bytes"),
-    }
-
-
-def _peak(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
-    """The largest ``key`` over the rows that have it (None when none has)."""
-    values = [int(r[key]) for r in rows if r.get(key) is not None]
-    return max(values) if values else None

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 
 from fedlora.algorithms.base import Tensors
-from fedlora.client import derive_seed
 from fedlora.config import Config, PrivacyConfig
 from fedlora.errors import FedLoraError
+from fedlora.seeds import derive_seed
 
 __all__ = [
     "CENTRAL_DP_COVERED",

@@ -1,5 +1,10 @@
-"""Plots of a run directory (learning curves, plus each algorithm's own pictures) and
-the comparison table of several runs."""
+"""Plots of a run directory (learning curves, plus each algorithm's pictures of the
+``structure`` it returned) and the comparison table of several runs.
+
+Figures are :class:`matplotlib.figure.Figure` objects written straight to files: no pyplot
+and no global backend, so importing this module (or drawing a run from a notebook) leaves
+the notebook's backend alone.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from fedlora.algorithms import get_algorithm
 from fedlora.errors import FedLoraError
 from fedlora.metrics import LAST_EVALUATIONS, RECEIVED, aggregate_rows, read_metrics
 
@@ -59,13 +60,13 @@ def _save(fig: Any, axes: Sequence[Any], out: Path) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
 def draw_learning_curves(rows: Sequence[Mapping[str, Any]], title: str, out: Path, metric: str = "accuracy") -> Path:
     agg = _evaluated(rows)
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     rounds = np.array([r["round"] + 1 for r in agg])
     for name, suffix in PROTOCOLS:
         if not agg or agg[0].get(f"personalized_acc_mean{suffix}") is None:
@@ -95,7 +96,12 @@ def draw_run(run_dir: Path) -> list[Path]:
     metric = str(summary.get("metric", "accuracy"))
     drawn = [draw_learning_curves(rows, title, plots / "learning_curves.png", metric)]
     structure = summary.get("structure", {})
-    drawn += get_algorithm(summary["algorithm"]).draw(structure, plots)
+    if structure.get("cluster_counts"):
+        drawn.append(draw_cluster_counts(structure["cluster_counts"], plots / "clusters_per_layer.png"))
+        if structure.get("linkage"):
+            drawn.append(draw_dendrogram(structure["linkage"], structure["clients"], plots / "client_tree.png"))
+    if structure.get("weights") and "truncation_errors" in structure:
+        drawn.append(draw_fedhl_weights(structure, plots / "fedhl_weights.png"))
     if structure.get("tree_history"):
         drawn.append(
             draw_tree_history(structure["tree_history"], structure.get("tree_fit", []), plots / "tree_history.png")
@@ -103,10 +109,61 @@ def draw_run(run_dir: Path) -> list[Path]:
     return drawn
 
 
+def draw_cluster_counts(counts: Sequence[int], out: Path) -> Path:
+    """FedTreeLoRA: bar chart of clusters per layer, shallow to deep (the paper's Figure 4)."""
+    fig = Figure(figsize=(max(4.0, 0.5 * len(counts) + 2), 3.2))
+    ax = fig.subplots()
+    ax.bar(range(len(counts)), counts, color="tab:green")
+    ax.set(xlabel="layer (0 = shallowest)", ylabel="clusters", title="clusters per layer")
+    ax.set_xticks(range(len(counts)))
+    ax.set_yticks(range(max(counts, default=1) + 1))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def draw_dendrogram(linkage: Sequence[Sequence[float]], clients: Sequence[int], out: Path) -> Path:
+    """FedTreeLoRA: the client tree as a dendrogram, leaves labelled by client id."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    fig = Figure(figsize=(max(5.0, 0.3 * len(clients) + 2), 3.6))
+    ax = fig.subplots()
+    dendrogram(np.asarray(linkage, dtype=np.float64), labels=[str(c) for c in clients], ax=ax)
+    ax.set(xlabel="client", ylabel="distance (mean over layers)", title="client tree")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def draw_fedhl_weights(structure: Mapping[str, Any], out: Path) -> Path:
+    """FedHL: each client's aggregation weight per round, labelled by its rank."""
+    weights = structure["weights"]
+    ranks = structure.get("ranks", {})
+    clients = sorted({c for w in weights.values() for c in w}, key=int)
+    rounds = sorted(weights, key=int)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for c in clients:
+        xs = [int(r) for r in rounds if c in weights[r]]
+        ax.plot(xs, [weights[str(r)][c] for r in xs], marker="o", label=f"client {c} (r={ranks.get(c, '?')})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("aggregation weight p_k")
+    ax.set_title(f"FedHL weights ({structure.get('weighting', '')})")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def draw_tree_history(history: Sequence[Mapping[str, Any]], fit: Sequence[Sequence[Any]], out: Path) -> Path:
     """A client tree's partitions over time: clusters per layer at every (re)build, and
     the tree's cophenetic fit to the clients after every round where it was checked."""
-    fig, (ax_counts, ax_fit) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_counts, ax_fit = fig.subplots(1, 2)
     for event in history:
         counts = event["cluster_counts"]
         ax_counts.plot(range(len(counts)), counts, marker="o", label=f"round {event['round'] + 1} ({event['reason']})")
@@ -181,7 +238,8 @@ def draw_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None 
     if labels is None:  # every run its own line, even two runs of one algorithm (numbered)
         names = [str(c["algorithm"]) for c in curves]
         labels = [n if names.count(n) == 1 else f"{n} #{names[: i + 1].count(n)}" for i, n in enumerate(names)]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for g in group_curves(curves, labels):
         label = g["label"] + (f" (mean of {g['runs']} runs)" if g["runs"] > 1 else "")
         mean, std = np.array(g["score_mean"]), np.array(g["score_std"])

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.torch import load as load_tensors
@@ -24,20 +24,32 @@ from fedlora.accel import MemoryMeter, prepare_model, resolve_device
 from fedlora.algorithms import Algorithm, FederationContext, Payload, Update, get_algorithm, parse_options
 from fedlora.algorithms.base import LAMBDA_REPORT, Tensors
 from fedlora.checkpoint import list_checkpoints, read_checkpoint, select_checkpoint, write_atomic, write_checkpoint
-from fedlora.client import HOOK_STATE, ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round, derive_seed
+from fedlora.client import HOOK_STATE, ClientContext, ClientOutcome, ClientRunner, EvalResult, client_round
 from fedlora.config import Config
 from fedlora.data import ClientSplit, TextDataset, TokenizedCorpus, load_dataset, partition, split_clients
 from fedlora.errors import FedLoraError
-from fedlora.generation import InstructCorpus
+from fedlora.generation import GenerationObjective, InstructCorpus
 from fedlora.heads import HeadPolicy, is_head_key
 from fedlora.lora import LoraModel, init_state
-from fedlora.metrics import MetricsLog, round_aggregate, summarize
+from fedlora.metrics import (
+    RECEIVED,
+    MetricsLog,
+    aggregate_rows,
+    best_round,
+    client_lambdas,
+    last_evaluations,
+    round_aggregate,
+)
 from fedlora.models import LoadedModel, load_model
 from fedlora.privacy import LocalNoise, PrivacyEngine, local_noise
+from fedlora.seeds import derive_seed
 from fedlora.store import ClientStore
-from fedlora.tasks import build_objective, task_for
+from fedlora.tasks import ClassificationObjective, Corpus, Objective, task_for
 from fedlora.traffic import bytes_down, bytes_up
 from fedlora.validation import clip_to_median, expected_upload, non_finite_keys, update_problem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHECKPOINTS = "checkpoints"
 CLIENT_STATE = "clients"
@@ -91,7 +103,7 @@ class Federation:
     splits: list[ClientSplit]
     loaded: LoadedModel
     lora_model: LoraModel
-    corpus: TokenizedCorpus | InstructCorpus
+    corpus: Corpus
     ctx: FederationContext
     algorithm: Algorithm
     head: HeadPolicy
@@ -197,6 +209,29 @@ def load_lora_model(
         lora_dropout=config.model.lora_dropout,
     )
     return loaded, lora_model
+
+
+def build_objective(
+    dataset: TextDataset, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase, config: Config
+) -> Objective:
+    """Tokenize ``dataset``'s ``rows`` once for the data set's task and return its objective.
+
+    Row ``i`` of the objective's corpus is ``dataset`` row ``rows[i]``.
+    """
+    max_length = config.data.max_length
+    if task_for(dataset) == "classification":
+        corpus = TokenizedCorpus([dataset.texts[i] for i in rows], dataset.labels[rows], tokenizer, max_length)
+        return ClassificationObjective(corpus)
+    columns = dataset.columns
+    instruct = InstructCorpus(
+        [columns["instruction"][i] for i in rows],
+        [columns["input"][i] for i in rows],
+        [columns["output"][i] for i in rows],
+        [dataset.label_names[k] for k in dataset.labels[rows]],
+        tokenizer,
+        max_length,
+    )
+    return GenerationObjective(instruct, tokenizer, config.eval.max_new_tokens)
 
 
 def make_runner(
@@ -571,3 +606,64 @@ class Simulation:
             summary["privacy"] = self.fed.privacy.summary(self.config.algorithm_name)
         write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary
+
+
+def summarize(
+    config: Config,
+    fed: Federation,
+    rows: Sequence[Mapping[str, Any]],
+    wall_seconds: float,
+    trainable_params: int,
+    reported: Mapping[int, Mapping[str, float]] | None = None,
+) -> dict[str, Any]:
+    """``summary.json``: the run's identity, final and best rows, totals and structure.
+
+    ``personalized`` names the evaluation protocol(s) of the run; ``best`` is the round with
+    the best personalized score after local training ("trained") and ``best_received`` the
+    best before it ("received"); either is None when its protocol was not run. ``final``
+    holds both protocols' keys (``personalized_*`` and ``personalized_*_received``);
+    ``last`` the mean of each protocol's last 4 evaluations (:func:`last_evaluations`).
+
+    ``reported`` holds each client's latest reported metrics; the mixing weights among them
+    (``lambda/<module>``, see :class:`~fedlora.algorithms.base.ReportLambdas`) go into
+    ``structure["lambdas"]`` per client and module: the server never sees theta itself.
+    """
+    agg = aggregate_rows(rows)
+    total_params = fed.lora_model.base_param_count() + trainable_params
+    structure = fed.algorithm.structure()
+    lambdas = client_lambdas(reported or {})
+    if lambdas:
+        structure = {**structure, "lambdas": lambdas}
+    return {
+        "algorithm": config.algorithm_name,
+        "dataset": config.data.dataset,
+        "model": config.model.name,
+        "num_clients": len(fed.client_ids),
+        "rounds": config.run.rounds,
+        "seed": config.run.seed,
+        "metric": fed.runner.objective.metric,
+        "final": agg[-1] if agg else None,
+        "personalized": config.eval.personalized,
+        "best": best_round(agg),
+        "best_received": best_round(agg, RECEIVED),
+        "last": last_evaluations(agg),
+        "wall_seconds": wall_seconds,
+        "bytes_up_total": int(sum(r["bytes_up"] for r in agg)),
+        "bytes_down_total": int(sum(r["bytes_down"] for r in agg)),
+        "trainable_params": trainable_params,
+        "trainable_percent": 100.0 * trainable_params / total_params if total_params else None,
+        "ranks": {str(c): r for c, r in fed.ctx.ranks.items()},
+        "structure": structure,
+        "failures": [f for r in agg for f in r.get("failures", [])],
+        "device": str(fed.runner.objective.device),
+        "precision": config.train.precision,
+        "quantization": config.model.quantization,
+        "peak_rss_bytes": _peak(agg, "peak_rss_bytes"),
+        "peak_accel_bytes": _peak(agg, "peak_accel_bytes"),
+    }
+
+
+def _peak(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The largest ``key`` over the rows that have it (None when none has)."""
+    values = [int(r[key]) for r in rows if r.get(key) is not None]
+    return max(values) if values else None

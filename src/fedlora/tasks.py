@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,12 +28,6 @@ from torch.nn import functional as F
 from fedlora.data import TextDataset, TokenizedCorpus
 from fedlora.data.instruct import is_instruct
 from fedlora.models import Task
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from fedlora.config import Config
-    from fedlora.generation import InstructCorpus
 
 
 @dataclass
@@ -118,6 +112,20 @@ def on_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class Corpus(Protocol):
+    """Every example of a run tokenized once, whatever the task (:class:`TokenizedCorpus`,
+    :class:`fedlora.generation.InstructCorpus`): what an objective batches from."""
+
+    lengths: np.ndarray
+    """Tokens per example."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """A padded training batch of the examples ``indices``."""
+        ...
+
+
 class Objective(Protocol):
     """A task's loss and evaluation over examples of the run's corpus (by row index)."""
 
@@ -128,7 +136,7 @@ class Objective(Protocol):
     """Where its batches go: the model's device (``run.device``)."""
 
     @property
-    def corpus(self) -> TokenizedCorpus | InstructCorpus:
+    def corpus(self) -> Corpus:
         """Every example of the run, tokenized once."""
         ...
 
@@ -193,28 +201,3 @@ class ClassificationObjective:
 def task_for(dataset: TextDataset) -> Task:
     """The task a data set trains: ``causal_lm`` for instruction data, else ``classification``."""
     return "causal_lm" if is_instruct(dataset) else "classification"
-
-
-def build_objective(
-    dataset: TextDataset, rows: np.ndarray, tokenizer: PreTrainedTokenizerBase, config: Config
-) -> Objective:
-    """Tokenize ``dataset``'s ``rows`` once for the data set's task and return its objective.
-
-    Row ``i`` of the objective's corpus is ``dataset`` row ``rows[i]``.
-    """
-    max_length = config.data.max_length
-    if task_for(dataset) == "classification":
-        corpus = TokenizedCorpus([dataset.texts[i] for i in rows], dataset.labels[rows], tokenizer, max_length)
-        return ClassificationObjective(corpus)
-    from fedlora.generation import GenerationObjective, InstructCorpus
-
-    columns = dataset.columns
-    instruct = InstructCorpus(
-        [columns["instruction"][i] for i in rows],
-        [columns["input"][i] for i in rows],
-        [columns["output"][i] for i in rows],
-        [dataset.label_names[k] for k in dataset.labels[rows]],
-        tokenizer,
-        max_length,
-    )
-    return GenerationObjective(instruct, tokenizer, config.eval.max_new_tokens)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedlora.algorithms.base import Payload, Tensors
-from fedlora.lora import MIX_SLOT, ROUTER_SLOT, Layout, ModuleId, make_key, parse_key
+from fedlora.lora import Layout, ModuleId, make_key, parse_key
 
 __all__ = ["clip_to_median", "expected_upload", "layout_shapes", "non_finite_keys", "update_problem"]
 
@@ -33,9 +33,8 @@ def layout_shapes(layout: Layout, module_shapes: Mapping[ModuleId, tuple[int, in
         for s in ml.slots:
             shapes[make_key(mid, s.name, "A")] = (s.rank, d_in)
             shapes[make_key(mid, s.name, "B")] = (d_out, s.rank)
-        shapes[make_key(mid, MIX_SLOT, "theta")] = ()
-        shapes[make_key(mid, ROUTER_SLOT, "weight")] = (len(ml.slots), d_in)
-        shapes[make_key(mid, ROUTER_SLOT, "bias")] = (len(ml.slots),)
+        for (slot, factor), shape in ml.mixing_shapes(d_in).items():
+            shapes[make_key(mid, slot, factor)] = shape
     return {key: shapes[key] for key in layout.trainable_keys()}
 
 

@@ -21,7 +21,6 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -274,11 +273,6 @@ class Algorithm(ABC):
     def structure(self) -> dict[str, Any]:
         """What the algorithm learned about the federation, for ``summary.json``."""
         return {}
-
-    @classmethod
-    def draw(cls, structure: dict[str, Any], out_dir: Path) -> list[Path]:
-        """Algorithm-specific pictures drawn from ``structure`` into ``out_dir`` (default: none)."""
-        return []
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         """Server state for checkpoints: tensors and JSON-able metadata."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,34 +163,6 @@ class FedHl(DenseUpdateAlgorithm):
             "weights": self.weight_history,
             "truncation_errors": self.error_history,
         }
-
-    @classmethod
-    def draw(cls, structure: dict[str, Any], out_dir: Path) -> list[Path]:
-        """``fedhl_weights.png``: each client's weight per round, labelled by its rank."""
-        weights = structure.get("weights") or {}
-        if not weights:
-            return []
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        ranks = structure.get("ranks", {})
-        clients = sorted({c for w in weights.values() for c in w}, key=int)
-        rounds = sorted(weights, key=int)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for c in clients:
-            xs = [int(r) for r in rounds if c in weights[r]]
-            ax.plot(xs, [weights[str(r)][c] for r in xs], marker="o", label=f"client {c} (r={ranks.get(c, '?')})")
-        ax.set_xlabel("round")
-        ax.set_ylabel("aggregation weight p_k")
-        ax.set_title(f"FedHL weights ({structure.get('weighting', '')})")
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        out = out_dir / "fedhl_weights.png"
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return [out]
 
     def meta(self) -> dict[str, Any]:
         return {"weights": self.weight_history, "truncation_errors": self.error_history}

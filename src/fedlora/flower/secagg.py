@@ -54,7 +54,7 @@ from fedlora.algorithms.base import Tensors
 from fedlora.client import ClientOutcome
 from fedlora.config import Config, from_dict
 from fedlora.errors import FedLoraError
-from fedlora.flower.server import FlowerRun
+from fedlora.flower.run import FlowerRun
 from fedlora.flower.wire import as_int, train_content
 from fedlora.heads import is_head_key
 from fedlora.simulation import ClientFailure
