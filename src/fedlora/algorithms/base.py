@@ -300,6 +300,12 @@ class Algorithm(ABC):
         total = sum(self.ctx.num_examples[c] for c in clients)
         return {c: self.ctx.num_examples[c] / total for c in clients}
 
+    def client_mean(self, tensors: Mapping[int, Mapping[str, torch.Tensor]]) -> Tensors:
+        """Key-wise mean of the given clients' tensors, weighted by :meth:`weights` under the
+        options' ``weighting`` field (``examples`` for options without one): FedAvg's aggregate."""
+        weighting: str = getattr(self.options, "weighting", "examples")
+        return weighted_mean(tensors, self.weights(list(tensors), weighting))
+
 
 def weighted_mean(updates: Mapping[int, Mapping[str, torch.Tensor]], weights: Mapping[int, float]) -> Tensors:
     """Key-wise weighted mean of client tensors; weights are normalised over the clients given.

@@ -36,7 +36,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.errors import FedLoraError
 from fedlora.lora import ROUTER_SLOT, Layout, ModuleLayout, SlotSpec, init_state, make_key, num_bytes, parse_key
@@ -77,7 +76,7 @@ class FedAlt(Algorithm):
     def rest_of_world(self, client: int) -> Tensors:
         """Factor-wise mean of the other clients' local LoRAs, under the ``world`` slot."""
         others = [c for c in self.ctx.client_ids if c != client]
-        mean = weighted_mean({c: self.local_lora[c] for c in others}, self.weights(others, self.options.weighting))
+        mean = self.client_mean({c: self.local_lora[c] for c in others})
         return rename_slot(mean, LOCAL, WORLD)
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
@@ -96,7 +95,7 @@ class FedAlt(Algorithm):
         routers = {
             c: {k: v for k, v in u.tensors.items() if parse_key(k).slot == ROUTER_SLOT} for c, u in updates.items()
         }
-        self.router = weighted_mean(routers, self.weights(list(updates), self.options.weighting))
+        self.router = self.client_mean(routers)
 
     def structure(self) -> dict[str, Any]:
         local_share: dict[str, float] = {}

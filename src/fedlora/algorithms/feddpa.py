@@ -46,7 +46,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.errors import FedLoraError
 from fedlora.lora import Layout, ModuleLayout, SlotSpec, init_state
@@ -115,8 +114,7 @@ class FedDpa(Algorithm):
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates:
             return
-        weights = self.weights(list(updates), self.options.weighting)
-        self.global_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
+        self.global_lora = self.client_mean({c: u.tensors for c, u in updates.items()})
         reported = [u.metrics[f"weight_{LOCAL}"] for u in updates.values() if f"weight_{LOCAL}" in u.metrics]
         if reported:
             self.local_weight_per_round.append(

@@ -25,7 +25,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.lora import init_state
 
@@ -53,8 +52,7 @@ class FedIt(Algorithm):
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates:
             return
-        weights = self.weights(list(updates), self.options.weighting)
-        self.global_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
+        self.global_lora = self.client_mean({c: u.tensors for c, u in updates.items()})
 
     def global_payload(self) -> Payload:
         return Payload(self.layout, self.global_lora)

@@ -48,7 +48,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.algorithms.fedalt import rename_slot
 from fedlora.errors import FedLoraError
@@ -164,8 +163,7 @@ class FedLease(Algorithm):
             members = [c for c in updates if self.clusters[c] == e]
             if not members:
                 continue
-            weights = self.weights(members, self.options.weighting)
-            mean = weighted_mean({c: updates[c].tensors for c in members}, weights)
+            mean = self.client_mean({c: updates[c].tensors for c in members})
             self.experts[e] = {k: v for k, v in mean.items() if parse_key(k).slot == expert_slot(e)}
             self.routers[e] = {k: v for k, v in mean.items() if parse_key(k).slot == ROUTER_SLOT}
 
@@ -181,7 +179,7 @@ class FedLease(Algorithm):
             self.clusters.setdefault(c, int(sizes.argmax()))
         for e in range(len(sizes)):
             members = [c for c in seen if self.clusters[c] == e]
-            mean = weighted_mean({c: warmup[c] for c in members}, self.weights(members, self.options.weighting))
+            mean = self.client_mean({c: warmup[c] for c in members})
             self.experts[e] = rename_slot(mean, WARMUP_SLOT, expert_slot(e))
         m = len(sizes)
         for e in range(m):

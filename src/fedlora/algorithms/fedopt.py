@@ -45,7 +45,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.algorithms.fedit import FedIt
 from fedlora.errors import FedLoraError
@@ -96,7 +95,7 @@ class ServerOptimizer(FedIt):
         if not updates:
             return
         o = self.options
-        mean = weighted_mean({c: u.tensors for c, u in updates.items()}, self.weights(list(updates), o.weighting))
+        mean = self.client_mean({c: u.tensors for c, u in updates.items()})
         stepped: Tensors = {}  # a new dict: payloads already sent keep the tensors they were given
         for key, x in self.global_lora.items():
             delta = mean[key] - x

@@ -64,6 +64,4 @@ class FedProx(FedIt):
     client_hooks = ProximalTerm
 
     def configure(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
-        return {
-            c: replace(p, instruction={"mu": self.options.mu}) for c, p in super().configure(rnd, clients).items()
-        }
+        return {c: replace(p, instruction={"mu": self.options.mu}) for c, p in super().configure(rnd, clients).items()}

@@ -25,7 +25,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.lora import init_state, parse_key
 
@@ -50,8 +49,7 @@ class FedSa(Algorithm):
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates:
             return
-        weights = self.weights(list(updates), self.options.weighting)
-        self.shared_a = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
+        self.shared_a = self.client_mean({c: u.tensors for c, u in updates.items()})
 
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
         return dict(self.shared_a), {}

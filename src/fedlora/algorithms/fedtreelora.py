@@ -106,7 +106,6 @@ from fedlora.algorithms.base import (
     Tensors,
     Update,
     register,
-    weighted_mean,
 )
 from fedlora.errors import FedLoraError
 from fedlora.lora import MIX_SLOT, Layout, ModuleLayout, SlotSpec, init_state, make_key, parse_key
@@ -716,8 +715,7 @@ class FedTreeLora(Algorithm):
             self.latest[c] = dict(update.tensors)
             self.has_theta[c] = set(mixed)
         if self.tree is None and self.options.warmup_mode == "fedit" and updates:
-            weights = self.weights(list(updates), self.options.weighting)
-            self.global_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
+            self.global_lora = self.client_mean({c: u.tensors for c, u in updates.items()})
         reason, distances, fit = self.rebuild_reason(rnd)
         if reason:
             distances = distances or self.distances()
@@ -766,8 +764,7 @@ class FedTreeLora(Algorithm):
         uploaded = [c for c in clients if c in self.latest]
         if not uploaded:
             return {k: self.init[k] for k in keys}
-        weights = self.weights(uploaded, self.options.weighting)
-        return weighted_mean({c: {k: self.latest[c][k] for k in keys} for c in uploaded}, weights)
+        return self.client_mean({c: {k: self.latest[c][k] for k in keys} for c in uploaded})
 
     def update_experts(self) -> None:
         """Recompute every cluster expert and every cluster's external expert."""

@@ -59,9 +59,7 @@ class ControlVariates(ClientHooks):
     def finish(
         self, trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], steps: int, lr: float
     ) -> tuple[Tensors, Tensors]:
-        new = {
-            k: self._ci(k) - c + (received[k] - trained[k]) / (steps * lr) for k, c in self.tensors.items()
-        }
+        new = {k: self._ci(k) - c + (received[k] - trained[k]) / (steps * lr) for k, c in self.tensors.items()}
         return {k: new[k] - self._ci(k) for k in new}, new
 
 

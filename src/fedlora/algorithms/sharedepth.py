@@ -29,7 +29,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.errors import FedLoraError
 from fedlora.lora import init_state, parse_key
@@ -90,8 +89,7 @@ class ShareDepth(Algorithm):
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates or not self.layers:
             return
-        weights = self.weights(list(updates), self.options.weighting)
-        self.shared_lora = weighted_mean({c: u.tensors for c, u in updates.items()}, weights)
+        self.shared_lora = self.client_mean({c: u.tensors for c, u in updates.items()})
 
     def global_payload(self) -> Payload | None:
         # Only when every layer is shared is there one model for all (then this is fedit).

@@ -40,7 +40,6 @@ from fedlora.algorithms.base import (
     Update,
     WeightingOptions,
     register,
-    weighted_mean,
 )
 from fedlora.lora import Layout, ModuleLayout, SlotSpec, init_state, parse_key
 
@@ -114,8 +113,7 @@ class ZeroPad(Algorithm):
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> None:
         if not updates:
             return
-        weights = self.weights(sorted(updates), self.options.weighting)
-        self.global_lora = weighted_mean(self.padded(updates), weights)
+        self.global_lora = self.client_mean(self.padded(updates))
 
     def global_payload(self) -> Payload:
         return Payload(self.layout(self.r_max), self.global_lora)
