@@ -292,7 +292,9 @@ def planted_points(
 @given(
     seed=st.integers(0, 2**31 - 1),
     groups=st.integers(2, 3),
-    size=st.integers(5, 7),
+    # From 7 per group: two groups of 5 are split only ~82% of the time at 99 relabellings
+    # (exact p 2/252, but two or more of the 99 draws reproduce the partition; docs/algorithms.md).
+    size=st.integers(7, 9),
     dim=st.integers(32, 128),
     shallow=st.integers(0, 2),
 )
