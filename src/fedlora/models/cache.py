@@ -48,7 +48,6 @@ def cache_dir() -> Path:
     return path
 
 
-
 def read_marker(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((path / MARKER).read_text())
