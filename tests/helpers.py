@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from fedlora.algorithms import FederationContext
 from fedlora.lora import ModuleId
+from fedlora.metrics import MEASUREMENTS
 
 
 def make_ctx(
@@ -30,3 +35,12 @@ def make_ctx(
         rounds=rounds,
         lr=lr,
     )
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics rows without the measured fields (time, memory), which differ run to run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        for key in MEASUREMENTS:
+            row.pop(key, None)
+    return rows

@@ -275,8 +275,10 @@ def test_a_folding_algorithm_keeps_its_dense_update_beside_a_quantized_base(tmp_
     assert module.folded_update.abs().sum() > 0  # FedEx folded the residual of two rounds' averaging
     x = torch.randn(2, module.in_features)
     with torch.no_grad():
-        expected = module.base(x) + x @ module.folded_update.T + sum(
-            module._slot_out(x, spec) * spec.weight for spec in module.layout.slots
+        expected = (
+            module.base(x)
+            + x @ module.folded_update.T
+            + sum(module._slot_out(x, spec) * spec.weight for spec in module.layout.slots)
         )
         assert_close(module(x), expected)
 

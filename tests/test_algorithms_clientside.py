@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ from fedlora.algorithms import Update, get_algorithm, parse_options
 from fedlora.algorithms.fedprox import ProximalTerm
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
-from fedlora.metrics import MEASUREMENTS
-from helpers import make_ctx
+from helpers import make_ctx, run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -41,20 +39,12 @@ def test_the_proximal_term_and_its_gradient() -> None:
         build("fedprox", make_ctx({0: 1}), mu=-1.0)
 
 
-def _rows(out: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return rows
-
-
 def test_fedprox_with_mu_zero_is_fedit_and_mu_changes_the_run(tmp_path: Path) -> None:
     def run(name: str, *sets: str) -> list[dict[str, Any]]:
         out = tmp_path / name
         args = ["run", SMOKE, "--out", str(out), "--quiet", "--set", "train.lr=0.05", "--set", "train.local_steps=4"]
         assert main(args + [x for s in sets for x in ("--set", s)]) == 0
-        return _rows(out)
+        return run_rows(out)
 
     fedit = run("fedit")
     assert run("mu0", "algorithm.name='fedprox'", "algorithm.mu=0.0") == fedit
@@ -167,7 +157,7 @@ def test_scaffold_runs_end_to_end_with_its_control_variates_counted_and_private(
         out = tmp_path / name
         sets = ["train.lr=0.05", f"algorithm.name='{name}'", "run.rounds=2"]
         assert main(["run", SMOKE, "--out", str(out), "--quiet"] + [x for s in sets for x in ("--set", s)]) == 0
-        return out, [r for r in _rows(out) if r["client"] is not None]
+        return out, [r for r in run_rows(out) if r["client"] is not None]
 
     out, rows = run("scaffold")
     _, fedit = run("fedit")

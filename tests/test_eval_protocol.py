@@ -13,9 +13,9 @@ import pytest
 from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.metrics import MEASUREMENTS
 from fedlora.report import comparison_table
 from fedlora.simulation import Simulation
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -24,11 +24,7 @@ SMOKE = ROOT / "configs" / "smoke.toml"
 def _run(out: Path, *sets: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     args = ["run", str(SMOKE), "--out", str(out), "--quiet"] + [x for s in sets for x in ("--set", s)]
     assert main(args) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return json.loads((out / "summary.json").read_text()), rows
+    return json.loads((out / "summary.json").read_text()), run_rows(out)
 
 
 def test_received_scores_the_global_model_sent_before_training(tmp_path: Path) -> None:
@@ -66,7 +62,7 @@ def test_received_scores_the_global_model_sent_before_training(tmp_path: Path) -
 
 
 def test_the_extra_evaluation_changes_nothing_else(tmp_path: Path) -> None:
-    """"both" gives the "trained" run's numbers bit for bit plus the "received" keys, and
+    """ "both" gives the "trained" run's numbers bit for bit plus the "received" keys, and
     "received" alone gives the same "received" numbers without the trained keys."""
     both_summary, both = _run(tmp_path / "both", "train.lr=0.05")
     _, trained = _run(tmp_path / "trained", "train.lr=0.05", "eval.personalized='trained'")

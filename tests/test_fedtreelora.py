@@ -33,8 +33,7 @@ from fedlora.algorithms.fedtreelora import (
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, init_state, num_bytes
-from fedlora.metrics import MEASUREMENTS
-from helpers import make_ctx
+from helpers import make_ctx, run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -397,12 +396,6 @@ def test_bad_options_are_clear_errors(options: dict[str, Any], message: str) -> 
 
 
 # --- end to end on tiny-bert ------------------------------------------------------------------
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return rows
 
 
 TREE = ["--set", "algorithm.name='fedtreelora'", "--set", "algorithm.warmup_rounds=1", "--quiet"]
@@ -438,7 +431,7 @@ def test_resume_gives_identical_metrics(tmp_path: Path, stop: int) -> None:
     assert main(["run", SMOKE, "--out", str(straight), *common]) == 0
     assert main(["run", SMOKE, "--out", str(resumed), *common, "--set", f"run.rounds={stop}"]) == 0
     assert main(["run", "--resume", str(resumed), *common]) == 0
-    assert _rows(straight) == _rows(resumed)
+    assert run_rows(straight) == run_rows(resumed)
     s1 = json.loads((straight / "summary.json").read_text())["structure"]
     s2 = json.loads((resumed / "summary.json").read_text())["structure"]
     assert s1 == s2

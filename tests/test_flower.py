@@ -20,21 +20,13 @@ from fedlora.evaluate import evaluate_run
 from fedlora.flower.simulate import simulate
 from fedlora.flower.wire import from_record, read_reply, reply_content, to_record
 from fedlora.lora import num_bytes
-from fedlora.metrics import MEASUREMENTS
 from fedlora.tasks import EvalResult
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "smoke.toml"
 #: Three clients keep Ray's actors few on a 2-core machine.
 TINY = ["data.num_clients=3", "model.head='federated'"]
-
-
-def rows(run_dir: Path) -> list[dict[str, Any]]:
-    out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in out:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return out
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:
@@ -163,7 +155,7 @@ def test_flower_simulation_equals_the_simulator(tmp_path: Path, algorithm: str, 
     overrides = [a for o in overrides_for(algorithm) for a in ("--set", o)]
     assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
     flower_dir = flower_runs[algorithm]
-    assert_same(rows(sim_dir), rows(flower_dir), "metrics")
+    assert_same(run_rows(sim_dir), run_rows(flower_dir), "metrics")
     sim_summary = json.loads((sim_dir / "summary.json").read_text())
     flower_summary = json.loads((flower_dir / "summary.json").read_text())
     for key in ("bytes_up_total", "bytes_down_total", "trainable_params", "structure", "num_clients"):
@@ -213,7 +205,7 @@ def test_differential_privacy_is_the_same_in_both_runtimes(
     sim_dir = tmp_path / "sim"
     overrides = [a for o in DP_RUNS[name] for a in ("--set", o)]
     assert main(["run", str(SMOKE), "--out", str(sim_dir), "--quiet", *overrides]) == 0
-    sim_rows, flower_rows = rows(sim_dir), rows(flower_runs[name])
+    sim_rows, flower_rows = run_rows(sim_dir), run_rows(flower_runs[name])
     assert_same(sim_rows, flower_rows, "metrics")
     aggregates = [r for r in flower_rows if r["client"] is None]
     assert all(r["dp_epsilon"] > 0 for r in aggregates)
@@ -288,7 +280,7 @@ def test_secure_aggregation_hides_every_update_and_keeps_the_metrics(
     for name, o in SECAGG_RUNS.items():
         plain_dir = tmp_path / f"plain_{name}"
         assert main(["run", str(SMOKE), "--out", str(plain_dir), "--quiet", *[a for x in o for a in ("--set", x)]]) == 0
-        plain, masked = rows(plain_dir), rows(tmp_path / f"secure_{name}")
+        plain, masked = run_rows(plain_dir), run_rows(tmp_path / f"secure_{name}")
         # Quantization moves each weighted parameter by < 16 / 2**22 (4e-6): metrics move by about that.
         assert_close_rows(plain, masked, 1e-4, name)
 

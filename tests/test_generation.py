@@ -17,9 +17,10 @@ from fedlora.data.instruct import TEMPLATES, is_instruct
 from fedlora.errors import FedLoraError
 from fedlora.generation import IGNORE_INDEX, GenerationObjective, InstructCorpus, answer_nll, exact_match, rouge_scores
 from fedlora.lora import LoraModel
-from fedlora.metrics import MEASUREMENTS, round_aggregate
+from fedlora.metrics import round_aggregate
 from fedlora.models import load_model
 from fedlora.tasks import EvalResult
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 NLG_SMOKE = str(ROOT / "configs" / "nlg_smoke.toml")
@@ -255,14 +256,7 @@ def test_nlg_run_reports_rouge_per_client_and_group(tmp_path: Path, algorithm: s
 def test_nlg_resume_is_bit_identical_and_compare_has_group_columns(tmp_path: Path, fedit_run: Path) -> None:
     straight, resumed = fedit_run, _run(tmp_path / "resumed", "--set", "run.rounds=1")
     assert main(["run", "--resume", str(resumed), "--set", "run.rounds=2", "--quiet"]) == 0
-
-    def rows(run: Path) -> list[dict[str, Any]]:
-        return [
-            {k: v for k, v in json.loads(line).items() if k not in MEASUREMENTS}
-            for line in (run / "metrics.jsonl").read_text().splitlines()
-        ]
-
-    assert rows(straight) == rows(resumed)
+    assert run_rows(straight) == run_rows(resumed)
 
     from fedlora.report import comparison_table
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.lora import ModuleId, init_factors
-from fedlora.metrics import MEASUREMENTS
 from fedlora.simulation import resolve_ranks
-from helpers import make_ctx
+from helpers import make_ctx, run_rows
 
 ROOT = Path(__file__).parent.parent
 MID = ModuleId(0, "query")
@@ -397,14 +395,6 @@ SMOKE = str(ROOT / "configs" / "smoke.toml")
 MIXED = ["--set", "model.ranks=[2,4,8]", "--set", "federation.fraction=0.5", "--quiet"]
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return rows
-
-
 @pytest.mark.parametrize("algorithm", ["zeropad", "hetlora", "flexlora", "flora", "fedhl"])
 def test_cli_mixed_ranks_partial_participation(tmp_path: Path, algorithm: str) -> None:
     out = tmp_path / "run"
@@ -413,7 +403,7 @@ def test_cli_mixed_ranks_partial_participation(tmp_path: Path, algorithm: str) -
     summary = json.loads((out / "summary.json").read_text())
     assert summary["structure"]["ranks"] == {"0": 2, "1": 4, "2": 8, "3": 2}
     assert summary["final"]["global_acc"] is not None
-    clients = [r for r in _rows(out) if r["client"] is not None]
+    clients = [r for r in run_rows(out) if r["client"] is not None]
     assert len(clients) == 3 * 2  # 2 of 4 clients per round
     for row in clients:
         # tiny-bert: 2 layers x (query, value), 32 x 32: a rank-r LoRA is 4 x r x 64 fp32 values.
@@ -434,7 +424,7 @@ def test_cli_fedhl_resume_is_identical(tmp_path: Path) -> None:
     assert main(["run", SMOKE, "--out", str(straight), "--set", "run.rounds=4", *fedhl]) == 0
     assert main(["run", SMOKE, "--out", str(resumed), "--set", "run.rounds=2", *fedhl]) == 0
     assert main(["run", "--resume", str(resumed), "--set", "run.rounds=4", "--quiet"]) == 0
-    assert _rows(straight) == _rows(resumed)
+    assert run_rows(straight) == run_rows(resumed)
     first = json.loads((straight / "summary.json").read_text())["structure"]
     assert json.loads((resumed / "summary.json").read_text())["structure"] == first
     assert (straight / "plots" / "fedhl_weights.png").stat().st_size > 1000

@@ -17,6 +17,7 @@ from fedlora.cli import main
 from fedlora.config import PrivacyConfig, load_config
 from fedlora.errors import FedLoraError
 from fedlora.privacy import LocalNoise, PrivacyEngine, clip_change, epsilon, gaussian_noise, noise_multiplier_for
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -25,13 +26,6 @@ UNIFORM = ["--set", "algorithm.weighting='uniform'"]
 
 def engine(num_clients: int = 4, per_round: int = 4, rounds: int = 3, **privacy: Any) -> PrivacyEngine:
     return PrivacyEngine(PrivacyConfig(**privacy), num_clients, per_round, rounds, 0)
-
-
-def rows(run_dir: Path) -> list[dict[str, Any]]:
-    out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in out:
-        row.pop("seconds", None)
-    return out
 
 
 # --- clipping ---------------------------------------------------------------------------
@@ -217,9 +211,9 @@ def test_no_noise_and_no_bound_equals_the_run_without_privacy(tmp_path: Path, mo
     dp = ["--set", f"privacy.mode='{mode}'", "--set", "privacy.clip_norm=inf", "--set", "privacy.noise_multiplier=0.0"]
     assert main(["run", SMOKE, "--out", str(private), "--quiet", *UNIFORM, *head, *dp]) == 0
     dp_keys = {"dp_epsilon", "dp_delta", "dp_clip_norm", "dp_noise_multiplier", "dp_clipped"}
-    got = [{k: v for k, v in r.items() if k not in dp_keys} for r in rows(private)]
-    assert got == rows(plain)  # exact equality: bit-identical metrics
-    assert all(r["dp_epsilon"] is None for r in rows(private) if r["client"] is None)
+    got = [{k: v for k, v in r.items() if k not in dp_keys} for r in run_rows(private)]
+    assert got == run_rows(plain)  # exact equality: bit-identical metrics
+    assert all(r["dp_epsilon"] is None for r in run_rows(private) if r["client"] is None)
 
 
 def test_central_dp_run_reports_its_budget_round_by_round(tmp_path: Path) -> None:
@@ -234,7 +228,7 @@ def test_central_dp_run_reports_its_budget_round_by_round(tmp_path: Path) -> Non
     args = ["run", SMOKE, "--out", str(out), "--quiet", *UNIFORM, *[a for o in dp for a in ("--set", o)]]
     assert main(args) == 0
     sigma = noise_multiplier_for(8.0, 0.5, 3, 1e-5)
-    aggregates = [r for r in rows(out) if r["client"] is None]
+    aggregates = [r for r in run_rows(out) if r["client"] is None]
     assert [r["dp_epsilon"] for r in aggregates] == pytest.approx([epsilon(sigma, 0.5, t, 1e-5) for t in (1, 2, 3)])
     assert aggregates[-1]["dp_epsilon"] <= 8.0
     assert all(r["dp_noise_multiplier"] == pytest.approx(sigma) for r in aggregates)
@@ -258,6 +252,6 @@ def test_adaptive_clip_resumes_bit_identically(tmp_path: Path) -> None:
     assert main(["run", SMOKE, "--out", str(straight), *common]) == 0
     assert main(["run", SMOKE, "--out", str(resumed), *common, "--set", "run.rounds=2"]) == 0
     assert main(["run", "--resume", str(resumed), *common]) == 0
-    assert rows(straight) == rows(resumed)
-    bounds = [r["dp_clip_norm"] for r in rows(straight) if r["client"] is None]
+    assert run_rows(straight) == run_rows(resumed)
+    bounds = [r["dp_clip_norm"] for r in run_rows(straight) if r["client"] is None]
     assert bounds[0] == 0.01 and bounds[1] != bounds[0]

@@ -30,6 +30,7 @@ from fedlora.lora import Layout, ModuleId, ModuleLayout, SlotSpec
 from fedlora.metrics import MEASUREMENTS, SUMMARY_MEASUREMENTS, MetricsLog, read_metrics
 from fedlora.store import ClientStore
 from fedlora.validation import clip_to_median, expected_upload, update_problem
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -180,14 +181,6 @@ def broken_payloads() -> Iterator[None]:
     assert BrokenPayloads.name not in registry()
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return rows
-
-
 def _summary(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
     for key in SUMMARY_MEASUREMENTS:
@@ -204,7 +197,7 @@ def test_failing_and_invalid_clients_are_dropped_and_recorded(tmp_path: Path) ->
     out = tmp_path / "run"
     args = ["run", SMOKE, "--out", str(out), "--quiet", "--set", "algorithm.name='test_broken_payloads'"]
     assert main(args) == 0
-    rows = _rows(out)
+    rows = run_rows(out)
     aggregates = [r for r in rows if r["client"] is None]
     assert [r["clients"] for r in aggregates] == [[0, 3], [0, 3]]
     assert {r["client"] for r in rows if r["client"] is not None} == {0, 3}
@@ -268,7 +261,7 @@ def test_damaged_checkpoint_is_named_and_last_good_resumes_exactly(
     err = capsys.readouterr().err
     assert str(damaged) in err and "--resume-from-last-good" in err and "Traceback" not in err
     assert main([*resume, "--resume-from-last-good"]) == 0
-    assert _rows(out) == _rows(straight_run)
+    assert run_rows(out) == run_rows(straight_run)
     assert _summary(out) == _summary(straight_run)
 
 
@@ -301,7 +294,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path: Pa
         command = [*cli, "run", "--resume", str(out), "--quiet"]
     assert interrupted >= 1
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
-    assert _rows(out) == _rows(straight_run)
+    assert run_rows(out) == run_rows(straight_run)
     assert _summary(out) == _summary(straight_run)
 
 
@@ -312,7 +305,7 @@ def test_same_config_and_seed_give_identical_summary(tmp_path: Path, algorithm: 
     for out in runs:
         assert main(["run", SMOKE, "--out", str(out), "--quiet", "--set", f"algorithm.name='{algorithm}'"]) == 0
     assert _summary(runs[0]) == _summary(runs[1])
-    assert _rows(runs[0]) == _rows(runs[1])
+    assert run_rows(runs[0]) == run_rows(runs[1])
 
 
 # --- scale ------------------------------------------------------------------------------

@@ -5,23 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fedlora.cli import main
-from fedlora.metrics import MEASUREMENTS
+from helpers import run_rows
 
 ROOT = Path(__file__).parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.toml")
-
-
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        for key in MEASUREMENTS:
-            row.pop(key, None)
-    return rows
 
 
 def test_run_writes_the_output_contract(tmp_path: Path) -> None:
@@ -45,7 +36,7 @@ def test_run_writes_the_output_contract(tmp_path: Path) -> None:
         "structure",
     ):
         assert key in summary
-    rows = _rows(out)
+    rows = run_rows(out)
     aggregates = [r for r in rows if r["client"] is None]
     assert [r["round"] for r in aggregates] == [0, 1]
     final = aggregates[-1]
@@ -69,7 +60,7 @@ def test_resume_gives_identical_metrics(tmp_path: Path) -> None:
     assert main(["run", SMOKE, "--out", str(straight), *common]) == 0
     assert main(["run", SMOKE, "--out", str(resumed), "--set", "run.rounds=2", "--quiet"]) == 0
     assert main(["run", "--resume", str(resumed), *common]) == 0
-    assert _rows(straight) == _rows(resumed)
+    assert run_rows(straight) == run_rows(resumed)
 
 
 def test_local_head_is_private_and_federated_head_is_counted(tmp_path: Path) -> None:
@@ -291,13 +282,13 @@ def test_compare_reuse_keeps_continues_extends_and_refuses(tmp_path: Path, capsy
     assert (run_dir / "metrics.jsonl").read_text() == one_round
     # shorter than asked: extended from its last checkpoint, identical to a straight 2-round run
     assert main([*base, "--reuse"]) == 0
-    assert _rows(run_dir) == _rows(straight)
+    assert run_rows(run_dir) == run_rows(straight)
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
     # interrupted (summary and latest checkpoint gone): continued from the newest checkpoint left
     (run_dir / "summary.json").unlink()
     shutil.rmtree(run_dir / "checkpoints" / "round_00002")
     assert main([*base, "--reuse"]) == 0
-    assert _rows(run_dir) == _rows(straight)
+    assert run_rows(run_dir) == run_rows(straight)
 
     capsys.readouterr()
     assert main([*base, "--set", "train.lr=0.5", "--reuse"]) == 2
@@ -305,7 +296,7 @@ def test_compare_reuse_keeps_continues_extends_and_refuses(tmp_path: Path, capsy
     assert main([*base, "--set", "run.rounds=1", "--reuse"]) == 2
     assert "holds a 2-round run, asked for 1" in capsys.readouterr().err
     assert main([*base, "--reuse", "--overwrite"]) == 2
-    assert _rows(run_dir) == _rows(straight)
+    assert run_rows(run_dir) == run_rows(straight)
     stray = tmp_path / "stray"
     (stray / "fedit_s0").mkdir(parents=True)
     (stray / "fedit_s0" / "notes.txt").write_text("mine")
