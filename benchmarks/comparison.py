@@ -114,23 +114,30 @@ def cell(values: list[float | None]) -> str:
 def paired(rows: dict[str, dict[str, Any]], target: str, reference: str | list[str]) -> dict[str, Any] | None:
     """``target`` minus ``reference`` per seed (same seed, same federation) in every column.
 
-    ``reference`` may be a list of methods: in each column the one with the highest mean is
-    taken (so the "best baseline" can differ between protocols). None if a method is missing
-    or the two were not run on the same seeds.
+    Only the seeds both were run on count. ``reference`` may be a list of methods: in each
+    column the one with the highest mean over those seeds is taken (so the "best baseline"
+    can differ between protocols). None if a method is missing or no seed is shared.
     """
     group = [reference] if isinstance(reference, str) else reference
-    group = [m for m in group if m in rows and rows[m]["seeds"] == rows.get(target, {}).get("seeds")]
+    group = [m for m in group if m in rows]
     if target not in rows or not group:
         return None
     out: dict[str, Any] = {}
     for key, _ in COLUMNS:
-        t = rows[target]["per_seed"][key]
-        candidates = [m for m in group if None not in rows[m]["per_seed"][key]]
-        if None in t or not candidates:
+        t = dict(zip(rows[target]["seeds"], rows[target]["per_seed"][key], strict=True))
+        candidates = []
+        for m in group:
+            r = dict(zip(rows[m]["seeds"], rows[m]["per_seed"][key], strict=True))
+            seeds = [s for s in t if s in r and t[s] is not None and r[s] is not None]
+            if seeds:
+                candidates.append((statistics.mean(r[s] for s in seeds), m, [t[s] - r[s] for s in seeds], seeds))
+        if not candidates:
             out[key] = None
             continue
-        best = max(candidates, key=lambda m: statistics.mean(rows[m]["per_seed"][key]))
-        out[key] = {"reference": best, "diffs": [a - b for a, b in zip(t, rows[best]["per_seed"][key], strict=True)]}
+        # The best reference among those compared on the most seeds.
+        most = max(len(c[3]) for c in candidates)
+        _, best, diffs, seeds = max(c for c in candidates if len(c[3]) == most)
+        out[key] = {"reference": best, "diffs": diffs, "seeds": seeds}
     return out
 
 
@@ -196,6 +203,11 @@ def parser(description: str | None, out: str, methods: list[str]) -> argparse.Ar
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
     p.add_argument("--warmup-rounds", type=int, default=5, help="local warmup of fedtreelora and fedlease")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every this many rounds (and the last)")
+    p.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the finished runs under --out (seeds may differ by method)",
+    )
     return p
 
 
@@ -204,19 +216,21 @@ def run_table(args: argparse.Namespace, variants: dict[str, tuple[str, list[str]
 
     Run directories are ``OUT/<dataset>_<variant>_s<seed>`` with ``=`` dropped from the
     variant's name, so a run made by one script is read back by the other.
+    With ``--finished-only`` only the runs that have finished (a ``summary.json``) are read
+    back and nothing is run: a table of what a cut budget left, seeds differing by method.
     """
     table: dict[str, dict[str, dict[str, Any]]] = {}
+    out = Path(args.out)
     for dataset in args.datasets:
         for name, (algorithm, extra) in variants.items():
+            runs = [(seed, f"{dataset}_{name.replace('=', '')}_s{seed}") for seed in args.seeds]
+            if args.finished_only:
+                runs = [(seed, run) for seed, run in runs if (out / run / "summary.json").is_file()]
             summaries = [
-                run_config(
-                    Path(args.out),
-                    f"{dataset}_{name.replace('=', '')}_s{seed}",
-                    [*overrides(args, dataset, seed, algorithm), *extra],
-                )
-                for seed in args.seeds
+                run_config(out, run, [*overrides(args, dataset, seed, algorithm), *extra]) for seed, run in runs
             ]
-            table.setdefault(dataset, {})[name] = row(summaries)
+            if summaries:
+                table.setdefault(dataset, {})[name] = row(summaries)
     return table
 
 

@@ -80,7 +80,8 @@ def method_overrides(method: str, ranks: list[int], setting: Setting, steps: int
     return [f"algorithm.name='{method}'", *hetero]
 
 
-def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: str, seed: int) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: str, seed: int) -> dict[str, Any] | None:
+    """Run (or read back) one method on one seed; its table row (None: not finished, with ``--finished-only``)."""
     overrides = [
         f"model.name='{args.model}'",
         f"data.dataset='{dataset}'",
@@ -103,6 +104,8 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
         overrides.append(f"data.max_train_per_client={args.max_train * setting.num_clients}")
         overrides.append(f"data.max_test_per_client={args.max_test * setting.num_clients}")
     name = f"{dataset}_{setting.name}_{method.replace(':', '_').replace('@', '_')}_s{seed}"
+    if args.finished_only and not (Path(args.out) / name / "summary.json").is_file():
+        return None
     summary = run_config(Path(args.out), name, overrides)
     final = summary["final"]
     global_acc = final["global_acc"]
@@ -235,6 +238,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--out", default="runs/hetero_ranks")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the finished runs under --out (seeds may differ by method)",
+    )
     args = parser.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     rows: list[dict[str, Any]] = []
@@ -243,6 +251,8 @@ def main() -> None:
             for method in args.methods.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     row = run_one(args, dataset, SETTINGS[setting_name], method, seed)
+                    if row is None:
+                        continue
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     out = Path(args.out)
