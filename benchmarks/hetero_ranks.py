@@ -258,7 +258,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows) + "\n" + protocol_table(rows)
+    text = table(rows) + "\n\n" + protocol_table(rows)
     (out / "results.md").write_text(text)
     print(text)
 
