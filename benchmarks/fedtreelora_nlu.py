@@ -8,8 +8,9 @@ with the same arguments and the same run directories: a ``local``, ``fedit`` or
 same ``--out``. Methods: ``local``, ``fedit``, ``fedtreelora``, its ablations
 (``fixed_k`` 1 and 4, ``independent_layers``, ``no_external``) and the ``centralized``
 reference (one client with all the training data, the federation's total steps).
-Opt-in sensitivity variants (name them in ``--methods``): ``warmup_rounds=4``, ``tau=0.1``
-and ``lambda_lr_mult=100``, the three knobs to turn when fedtreelora trails ``local``; their
+Opt-in sensitivity variants (name them in ``--methods``): ``warmup_rounds=4``, ``tau=0.1``,
+``lambda_lr_mult=100`` and ``cut=calibrated`` (the permutation-calibrated cut instead of
+the paper's threshold), the three knobs to turn when fedtreelora trails ``local``; their
 values are sized for the reduced runs (``--warmup-rounds 2``, tau 0.2, multiplier 10).
 Variants of fedtreelora combine with ``+``: ``no_external+tau=0.1`` is the ablation at the
 lower split threshold (its run directory is ``DATASET_no_external+tau0.1_sSEED``).
@@ -47,6 +48,7 @@ SENSITIVITY: dict[str, tuple[str, list[str]]] = {
     "warmup_rounds=4": ("fedtreelora", ["algorithm.warmup_rounds=4"]),
     "tau=0.1": ("fedtreelora", ["algorithm.cut='threshold'", "algorithm.tau=0.1"]),
     "lambda_lr_mult=100": ("fedtreelora", ["algorithm.lambda_lr_mult=100.0"]),
+    "cut=calibrated": ("fedtreelora", ["algorithm.cut='calibrated'"]),
 }
 
 #: The FedTreeLoRA paper's GLUE averages (RoBERTa-large, 20 clients, Dirichlet 0.5, rank 4).
