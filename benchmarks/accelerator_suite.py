@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # common.py, also when a test loads this file by path
+from common import markdown_table
 from fedlora.accel import resolve_device
 from fedlora.config import load_config
 from fedlora.report import comparison_table, format_bytes
@@ -84,17 +86,20 @@ def device_name(device: torch.device) -> str:
 
 def figures_table(summaries: dict[str, dict[str, Any]], device: torch.device) -> str:
     """Per algorithm: device, precision, quantization, seconds per round, peak memory."""
-    lines = [
-        "| algorithm | device | precision | quantization | s / round | peak RSS | peak accel. mem |",
-        "|---|---|---|---|---|---|---|",
+    header = ["algorithm", "device", "precision", "quantization", "s / round", "peak RSS", "peak accel. mem"]
+    rows = [
+        [
+            algorithm,
+            device_name(device),
+            s["precision"],
+            s["quantization"],
+            f"{s['wall_seconds'] / s['rounds']:.2f}",
+            format_bytes(s["peak_rss_bytes"]),
+            format_bytes(s["peak_accel_bytes"]),
+        ]
+        for algorithm, s in summaries.items()
     ]
-    for algorithm, s in summaries.items():
-        lines.append(
-            f"| {algorithm} | {device_name(device)} | {s['precision']} | {s['quantization']} "
-            f"| {s['wall_seconds'] / s['rounds']:.2f} | {format_bytes(s['peak_rss_bytes'])} "
-            f"| {format_bytes(s['peak_accel_bytes'])} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

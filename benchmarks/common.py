@@ -62,7 +62,8 @@ def federation_overrides(
     """Config overrides of the FedTreeLoRA paper's NLU federation, from a benchmark's arguments.
 
     Rank ``args.rank`` (alpha ``args.lora_alpha``, by default twice the rank) on query and
-    value, frozen seeded head (std ``args.head_init_std``), one evaluation per round.
+    value, frozen seeded head (std ``args.head_init_std``), an evaluation every
+    ``args.eval_every`` rounds (every round for the scripts without that argument).
     ``clients``, ``max_train``, ``max_test`` and ``steps`` replace the argument of that
     name (the centralized reference pools the clients into one).
     """
@@ -85,7 +86,7 @@ def federation_overrides(
         f"train.local_steps={steps if steps is not None else args.steps}",
         f"train.batch_size={args.batch_size}",
         f"train.lr={args.lr}",
-        "eval.every=1",
+        f"eval.every={getattr(args, 'eval_every', 1)}",
     ]
 
 
@@ -132,6 +133,41 @@ def accuracies(summaries: list[dict[str, Any]]) -> dict[str, float]:
         "best_rounds": [int(s["best"]["round"]) for s in summaries],
         "runs": len(summaries),
     }
+
+
+#: The two evaluation protocols (``eval.personalized``) and the suffix of their keys in a summary row:
+#: "received" scores each client on the model the server sends it, "trained" after its local training.
+PROTOCOLS = {"received": "_received", "trained": ""}
+
+
+def protocol_values(summary: dict[str, Any]) -> dict[str, float | None]:
+    """Personalized accuracy (%) per protocol: the final round's and the mean of the last evaluations.
+
+    Keys ``<protocol>_final`` and ``<protocol>_last`` (``summary.json``'s ``last``: the mean of
+    the last 4 evaluations); ``None`` where the run did not score that protocol.
+    """
+    values: dict[str, float | None] = {}
+    last = summary.get("last") or {}
+    for protocol, suffix in PROTOCOLS.items():
+        final = summary["final"].get(f"personalized_acc_mean{suffix}")
+        mean_last = last.get(f"personalized_acc_mean{suffix}")
+        values[f"{protocol}_final"] = None if final is None else 100 * final
+        values[f"{protocol}_last"] = None if mean_last is None else 100 * mean_last
+    return values
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """``mean ± population std`` of ``values`` (the convention of every table here), one value alone."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: ``header``, the separator line, one line per row (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(acc: dict[str, Any], key: str) -> str:

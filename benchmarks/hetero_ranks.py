@@ -7,7 +7,11 @@ plus the two references of every comparison: ``local`` (no communication) and
 ``centralized`` (one client holding all the training data, same steps in total).
 Settings: (a) cross-silo, 10 clients, all participate; (b) cross-device, 50 clients,
 20% per round. Reported: the final round's global accuracy (union of the clients' test
-splits) and personalized accuracy (mean over clients), mean +- std over seeds. Runs
+splits) and personalized accuracy (mean over clients), mean +- std over seeds; then a
+second table with both evaluation protocols ("received": each client on the model it is
+sent; "trained": after local training), the final round's and the mean of the last 4
+evaluations, and FedHL minus the best corrected baseline (zeropad, hetlora, flexlora,
+flora) of each column, paired per seed. Runs
 already under ``--out`` with the same settings are read back (``common.run_config``), so
 methods can run in separate processes and a last call with every method writes the table.
 
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import run_config
+from common import markdown_table, protocol_values, run_config, spread
 
 FEDHL_WEIGHTINGS = ("optimal", "optimal_paper", "uniform", "examples", "optimal_examples")
 ALL_METHODS = "centralized,local,fedit@min,zeropad,hetlora,flexlora,flora," + ",".join(
@@ -76,7 +80,8 @@ def method_overrides(method: str, ranks: list[int], setting: Setting, steps: int
     return [f"algorithm.name='{method}'", *hetero]
 
 
-def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: str, seed: int) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: str, seed: int) -> dict[str, Any] | None:
+    """Run (or read back) one method on one seed; its table row (None: not finished, with ``--finished-only``)."""
     overrides = [
         f"model.name='{args.model}'",
         f"data.dataset='{dataset}'",
@@ -99,12 +104,17 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
         overrides.append(f"data.max_train_per_client={args.max_train * setting.num_clients}")
         overrides.append(f"data.max_test_per_client={args.max_test * setting.num_clients}")
     name = f"{dataset}_{setting.name}_{method.replace(':', '_').replace('@', '_')}_s{seed}"
+    if args.finished_only and not (Path(args.out) / name / "summary.json").is_file():
+        return None
     summary = run_config(Path(args.out), name, overrides)
     final = summary["final"]
     global_acc = final["global_acc"]
+    global_last = (summary.get("last") or {}).get("global_acc")
     if method in ("centralized", "local"):  # one model per client: the personalized figure is the result
         global_acc = global_acc if global_acc is not None else final["personalized_acc_weighted"]
     return {
+        **protocol_values(summary),
+        "global_acc_last": global_last,
         "dataset": dataset,
         "setting": setting.name,
         "method": method,
@@ -148,6 +158,68 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: The corrected heterogeneous-rank baselines FedHL is compared with (the best of them, per column).
+BASELINES = ["zeropad", "hetlora", "flexlora", "flora"]
+#: Columns of the protocol table: (row key, header, scale to %).
+COLUMNS = [
+    ("global_acc", "global final", 100.0),
+    ("global_acc_last", "global last-4", 100.0),
+    ("received_final", "received final", 1.0),
+    ("received_last", "received last-4", 1.0),
+    ("trained_final", "trained final", 1.0),
+    ("trained_last", "trained last-4", 1.0),
+]
+
+
+def _values(group: list[dict[str, Any]], key: str, scale: float) -> list[float] | None:
+    values = [r[key] for r in group]
+    return None if not values or None in values else [scale * v for v in values]
+
+
+def protocol_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: global accuracy and personalized accuracy per protocol, final and mean of the last 4
+    evaluations, in % (mean ± population std over seeds); then FedHL (each weighting) minus the
+    best corrected baseline of each column, paired per seed."""
+    keys = list(dict.fromkeys((r["dataset"], r["setting"], r["method"]) for r in rows))
+    body = []
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for key in keys:
+        group = sorted((r for r in rows if (r["dataset"], r["setting"], r["method"]) == key), key=lambda r: r["seed"])
+        groups[key] = group
+        cells = []
+        for column, _, scale in COLUMNS:
+            values = _values(group, column, scale)
+            cells.append("-" if values is None else spread(values, 1))
+        body.append([*key, *cells, ",".join(str(r["seed"]) for r in group)])
+    text = markdown_table(["dataset", "setting", "method", *(f"{h} %" for _, h, _ in COLUMNS), "seeds"], body)
+    diffs = []
+    for dataset, setting, method in keys:
+        if not method.startswith("fedhl:"):
+            continue
+        target = groups[(dataset, setting, method)]
+        cells = []
+        for column, _, scale in COLUMNS:
+            t = _values(target, column, scale)
+            candidates = []
+            for b in BASELINES:
+                group = groups.get((dataset, setting, b), [])
+                v = _values(group, column, scale)
+                if t is not None and v is not None and [r["seed"] for r in group] == [r["seed"] for r in target]:
+                    candidates.append((statistics.mean(v), b, v))
+            if not candidates:
+                cells.append("-")
+                continue
+            _, best, v = max(candidates)
+            d = [a - b for a, b in zip(t, v, strict=True)]
+            value = f"{d[0]:+.1f}" if len(d) == 1 else spread(d, 1) + " [" + ", ".join(f"{x:+.1f}" for x in d) + "]"
+            cells.append(f"({best}) {value}")
+        diffs.append([dataset, setting, f"{method} − best baseline", *cells])
+    if diffs:
+        header = ["dataset", "setting", "paired difference (points)", *(h for _, h, _ in COLUMNS)]
+        text += "\n" + markdown_table(header, diffs)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm-l6")
@@ -166,6 +238,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--out", default="runs/hetero_ranks")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the finished runs under --out (seeds may differ by method)",
+    )
     args = parser.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     rows: list[dict[str, Any]] = []
@@ -174,13 +251,16 @@ def main() -> None:
             for method in args.methods.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     row = run_one(args, dataset, SETTINGS[setting_name], method, seed)
+                    if row is None:
+                        continue
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "results.md").write_text(table(rows) + "\n")
-    print(table(rows))
+    text = table(rows) + "\n\n" + protocol_table(rows)
+    (out / "results.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # common.py, also when this file is loaded by path
+from common import markdown_table
+
 SETTINGS: dict[str, list[str]] = {
     "fp32": ["train.precision='fp32'", "model.quantization='none'"],
     "bf16": ["train.precision='bf16'", "model.quantization='none'"],
@@ -89,19 +92,25 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     base = results[0]
-    lines = [
-        "| setting | base MB | s / step | peak RSS MB | personalized acc | train loss "
-        "| base / fp32 | step time / fp32 | peak RSS / fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = [
+        "setting", "base MB", "s / step", "peak RSS MB", "personalized acc", "train loss",
+        "base / fp32", "step time / fp32", "peak RSS / fp32",
+    ]  # fmt: skip
+    rows = [
+        [
+            r["setting"],
+            f"{r['base_bytes'] / 2**20:.1f}",
+            f"{r['seconds_per_step']:.3f}",
+            f"{r['peak_rss_bytes'] / 2**20:.0f}",
+            f"{r['personalized_acc']:.4f}",
+            f"{r['train_loss']:.4f}",
+            f"{r['base_bytes'] / base['base_bytes']:.2f}",
+            f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}",
+            f"{r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}",
+        ]
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {r['setting']} | {r['base_bytes'] / 2**20:.1f} | {r['seconds_per_step']:.3f} "
-            f"| {r['peak_rss_bytes'] / 2**20:.0f} | {r['personalized_acc']:.4f} | {r['train_loss']:.4f} "
-            f"| {r['base_bytes'] / base['base_bytes']:.2f} | {r['seconds_per_step'] / base['seconds_per_step']:.2f} "
-            f"| {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
