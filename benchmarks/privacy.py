@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, WARMUP_OPTION, add_federation_arguments, federation_overrides, run_config
+from common import ROOT, WARMUP_ALGORITHMS, add_federation_arguments, federation_overrides, run_config
 
 METHODS = ["fedit", "fedtreelora"]
 
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def overrides(args: argparse.Namespace, dataset: str, seed: int, method: str, eps: float) -> list[str]:
-    warmup = [f"algorithm.{WARMUP_OPTION[method]}={args.warmup_rounds}"] if method in WARMUP_OPTION else []
+    warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if method in WARMUP_ALGORITHMS else []
     out = [
         *federation_overrides(args, dataset, seed, alpha=args.alpha),
         f"algorithm.name='{method}'",
