@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table, protocol_values, run_config, spread
+from common import markdown_table, protocol_values, run_config, spread, tuned_lr
 
 FEDHL_WEIGHTINGS = ("optimal", "optimal_paper", "uniform", "examples", "optimal_examples")
 ALL_METHODS = "centralized,local,fedit@min,zeropad,hetlora,flexlora,flora," + ",".join(
@@ -100,6 +100,7 @@ def run_one(args: argparse.Namespace, dataset: str, setting: Setting, method: st
         f"eval.every={args.eval_every}",
     ]
     overrides += method_overrides(method, args.ranks, setting, args.steps)
+    overrides += tuned_lr(args, dataset, method)
     if method == "centralized":
         overrides.append(f"data.max_train_per_client={args.max_train * setting.num_clients}")
         overrides.append(f"data.max_test_per_client={args.max_test * setting.num_clients}")
@@ -238,6 +239,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--out", default="runs/hetero_ranks")
+    parser.add_argument(
+        "--lr-choices",
+        type=Path,
+        default=None,
+        help="JSON written by tune_lr.py --ranks: each method trains at its chosen rate (else --lr)",
+    )
     parser.add_argument(
         "--finished-only",
         action="store_true",
