@@ -5,7 +5,11 @@ one task group each (2 per group), LoRA rank 8 on q_proj and v_proj (configs/nlg
 Runs each algorithm, then prints and writes ``nlg.md``: the final personalized ROUGE-1
 (%) of every task group (each group's test examples pooled over its clients), their
 average, exact match on the short-answer groups, and the paper's FLAN figures beside
-them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62, FedTreeLoRA 63.19).
+them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62, FedTreeLoRA 63.19); then, for the runs
+with a mixing weight (fedtreelora), lambda per round (mean and range over the clients'
+modules). A finished run with the same settings under ``--out`` is read back, not rerun
+(``fedlora.experiment.reuse_run``), so algorithms can run in separate processes and a
+last call with all of them writes the table.
 
     python benchmarks/nlg.py --out runs/nlg
     python benchmarks/nlg.py --out /tmp/nlg_tiny --algorithms fedit --set data.num_clients=2 ...
@@ -23,7 +27,8 @@ from typing import Any
 from common import WARMUP_ALGORITHMS
 from fedlora.algorithms import registry
 from fedlora.config import load_config
-from fedlora.experiment import run_experiment
+from fedlora.experiment import reuse_run
+from fedlora.metrics import aggregate_rows, read_metrics
 
 ROOT = Path(__file__).parent.parent
 DEFAULT_ALGORITHMS = "local,fedit,fedtreelora,fedsa,feddpa,fedalt,fedlease"
@@ -59,6 +64,16 @@ def table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lambda_trajectory(run_dir: Path) -> str | None:
+    """``round: mean (min-max)`` of the mixing weight lambda, one entry per round that reported it."""
+    rows = [r for r in aggregate_rows(read_metrics(run_dir / "metrics.jsonl")) if r.get("lambda_mean") is not None]
+    if not rows:
+        return None
+    return "; ".join(
+        f"round {r['round'] + 1}: {r['lambda_mean']:.3f} ({r['lambda_min']:.2f}-{r['lambda_max']:.2f})" for r in rows
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "nlg.toml"))
@@ -78,9 +93,13 @@ def main() -> None:
             continue
         warmup = [f"algorithm.warmup_rounds={args.warmup_rounds}"] if algo in WARMUP_ALGORITHMS else []
         config = load_config(Path(args.config), [*args.set, f"algorithm.name='{algo}'", *warmup])
-        summaries[algo] = run_experiment(config, out / algo, overwrite=True)
+        summaries[algo] = reuse_run(config, out / algo)
         print(f"{algo}: {summaries[algo]['wall_seconds']:.0f} s", flush=True)
     text = table(summaries)
+    for algo in summaries:
+        trajectory = lambda_trajectory(out / algo)
+        if trajectory:
+            text += f"\n{algo} lambda (cluster expert's weight; mean (min-max) over client modules): {trajectory}\n"
     print(text)
     (out / "nlg.md").write_text(text)
     (out / "nlg.json").write_text(json.dumps({a: s["final"] for a, s in summaries.items()}, indent=2))

@@ -33,6 +33,7 @@ from fedlora.algorithms.fedtreelora import (
 from fedlora.cli import main
 from fedlora.errors import FedLoraError
 from fedlora.lora import LoraModel, ModuleId, init_state, num_bytes
+from fedlora.metrics import read_metrics
 from helpers import make_ctx, run_rows
 
 ROOT = Path(__file__).parent.parent
@@ -415,13 +416,21 @@ def test_run_structure_plots_bytes_and_report(tmp_path: Path) -> None:
     # Lambdas: private, trained away from lambda_init = 0.5, one per client and module.
     assert set(s["lambdas"]) == {"0", "1", "2", "3"}
     assert all(v != 0.5 for lam in s["lambdas"].values() for v in lam.values())
+    # Every client trains every round, so the last round's lambda summary covers exactly the
+    # reported values; the warmup round (no tree yet, nothing mixed) reports none.
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["client"] is None]
+    reported = [v for lam in s["lambdas"].values() for v in lam.values()]
+    assert "lambda_mean" not in rows[0]
+    assert rows[-1]["lambda_mean"] == pytest.approx(sum(reported) / len(reported))
+    assert (rows[-1]["lambda_min"], rows[-1]["lambda_max"]) == (min(reported), max(reported))
     # Upload = fedit's (A and B of 4 modules, rank 4, 256 floats each) every round.
     assert summary["bytes_up_total"] == 3 * 4 * (4 * 256 * 4)
-    for name in ("client_tree.png", "clusters_per_layer.png"):
+    for name in ("client_tree.png", "clusters_per_layer.png", "lambda.png"):
         (out / "plots" / name).unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "plots" / "client_tree.png").stat().st_size > 1000
     assert (out / "plots" / "clusters_per_layer.png").stat().st_size > 1000
+    assert (out / "plots" / "lambda.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("stop", [1, 2])

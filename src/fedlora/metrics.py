@@ -168,6 +168,7 @@ def round_aggregate(
     clipped: Mapping[int, float] | None = None,
     received: Mapping[int, EvalResult] | None = None,
     memory: Mapping[str, int | None] | None = None,
+    lambdas: Sequence[float] = (),
 ) -> dict[str, Any]:
     """The ``client: null`` row of a round.
 
@@ -176,7 +177,9 @@ def round_aggregate(
     ``failures`` lists the clients whose update was dropped (an exception, or an update
     rejected by validation); ``clipped`` maps clients whose update norm was clipped to the
     scale applied; ``memory`` holds the round's ``peak_rss_bytes`` and ``peak_accel_bytes``
-    (see :class:`fedlora.accel.MemoryMeter`).
+    (see :class:`fedlora.accel.MemoryMeter`); ``lambdas`` are the mixing weights the
+    round's clients reported after training (FedTreeLoRA), summarized as ``lambda_mean``,
+    ``lambda_min`` and ``lambda_max`` (keys present only when some were reported).
     """
     row: dict[str, Any] = {
         "round": rnd,
@@ -195,6 +198,8 @@ def round_aggregate(
         "peak_rss_bytes": (memory or {}).get("peak_rss_bytes"),
         "peak_accel_bytes": (memory or {}).get("peak_accel_bytes"),
     }
+    if lambdas:
+        row.update(lambda_mean=float(np.mean(lambdas)), lambda_min=min(lambdas), lambda_max=max(lambdas))
     if global_result is not None and global_result.n and global_result.metric_sums:
         for name, total in global_result.metric_sums.items():
             row[f"global_{name}"] = total / global_result.n

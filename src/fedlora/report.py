@@ -102,11 +102,26 @@ def draw_run(run_dir: Path) -> list[Path]:
             drawn.append(draw_dendrogram(structure["linkage"], structure["clients"], plots / "client_tree.png"))
     if structure.get("weights") and "truncation_errors" in structure:
         drawn.append(draw_fedhl_weights(structure, plots / "fedhl_weights.png"))
+    if any(r.get("lambda_mean") is not None for r in aggregate_rows(rows)):
+        drawn.append(draw_lambdas(rows, plots / "lambda.png"))
     if structure.get("tree_history"):
         drawn.append(
             draw_tree_history(structure["tree_history"], structure.get("tree_fit", []), plots / "tree_history.png")
         )
     return drawn
+
+
+def draw_lambdas(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
+    """FedTreeLoRA: the mixing weight lambda per round (mean over the clients and modules
+    that reported one, with its range): 1 = cluster expert only, 0 = external expert only."""
+    agg = [r for r in aggregate_rows(rows) if r.get("lambda_mean") is not None]
+    rounds = [r["round"] + 1 for r in agg]
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
+    ax.plot(rounds, [r["lambda_mean"] for r in agg], marker="o", label="mean")
+    ax.fill_between(rounds, [r["lambda_min"] for r in agg], [r["lambda_max"] for r in agg], alpha=0.2, label="range")
+    ax.set(xlabel="round", ylabel="lambda (weight of the cluster expert)", title="mixing weight", ylim=(0, 1))
+    return _save(fig, [ax], out)
 
 
 def draw_cluster_counts(counts: Sequence[int], out: Path) -> Path:

@@ -377,12 +377,14 @@ class Simulation:
                 break
         else:
             raise FedLoraError(self._too_few_clients(rnd, failures))
+        round_lambdas: list[float] = []
         for cid, outcome in outcomes.items():
             self.store.put(cid, outcome.private, rnd)
             self.trainable_params = max(self.trainable_params, outcome.trainable_params)
             lambdas = {k: v for k, v in outcome.update.metrics.items() if k.startswith(LAMBDA_REPORT)}
             if lambdas:
                 self.reported[cid] = lambdas
+                round_lambdas.extend(float(v) for v in lambdas.values())
         uploads = {cid: {**o.update.tensors, **o.head_upload} for cid, o in outcomes.items()}
         scales: dict[int, float] = {}
         if cfg.federation.clip_update_norm > 0:
@@ -413,7 +415,16 @@ class Simulation:
         received = {cid: o.received for cid, o in outcomes.items() if o.received is not None}
         memory = self.memory.read()
         aggregate = round_aggregate(
-            rnd, client_rows, results if evaluate else None, global_result, seconds, failures, scales, received, memory
+            rnd,
+            client_rows,
+            results if evaluate else None,
+            global_result,
+            seconds,
+            failures,
+            scales,
+            received,
+            memory,
+            round_lambdas,
         )
         aggregate.update(privacy_row)
         self.log.write_rows([*client_rows, aggregate])
