@@ -395,7 +395,8 @@ def cut_layer(
     rule: CutRule,
     rng: np.random.Generator,
 ) -> LayerCut:
-    """Choose one layer's count in ``[c_prev, high]`` over nested ``cuts`` (see :class:`CutRule`).
+    """Choose one layer's count in ``[c_prev, high]`` over nested ``cuts`` (see :class:`CutRule`)
+    under ``distance`` (symmetric, zero diagonal).
 
     The calibrated rule's test is sequential (Besag and Clifford 1991): the ``B``
     relabellings are scored ``RELABEL_BATCH`` at a time, and a finer count stops being
@@ -466,7 +467,8 @@ class _CutScorer:
         self.fixed_means = distance @ (onehot / self.sizes[:, self.fixed])
         bounds = np.concatenate([[0], np.cumsum(np.bincount(blocks, minlength=c_prev))])
         #: Per split block: its positions in block order, its clusters, their index among
-        #: them by cluster, the distance's columns of its clients and the clusters' sizes.
+        #: them by cluster, the distance's rows of its clients (its columns: the distance is
+        #: symmetric) and the clusters' sizes.
         self.split: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for block in np.unique(block_of):
             clusters = np.flatnonzero(block_of == block)
@@ -475,9 +477,9 @@ class _CutScorer:
             positions = slice(int(bounds[block]), int(bounds[block + 1]))
             local = np.zeros(high, dtype=np.int64)
             local[clusters] = np.arange(len(clusters))
-            columns = distance[:, torch.from_numpy(self.order[positions])].contiguous()
+            rows = distance.index_select(0, torch.from_numpy(self.order[positions]))
             cluster_sizes = self.sizes[0, torch.from_numpy(clusters)]
-            self.split.append((positions, torch.from_numpy(clusters), torch.from_numpy(local), columns, cluster_sizes))
+            self.split.append((positions, torch.from_numpy(clusters), torch.from_numpy(local), rows, cluster_sizes))
         self.to_coarse = {c: torch.from_numpy(cuts[c][first]) for c in range(c_prev, high + 1)}
 
     def silhouettes(self, orders: np.ndarray, counts: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -488,11 +490,11 @@ class _CutScorer:
         labels = in_order[:, torch.from_numpy(self.position)]
         means = self.fixed_means.new_empty(p, n, self.high)
         means[:, :, self.fixed] = self.fixed_means
-        for positions, clusters, local, columns, sizes in self.split:
+        for positions, clusters, local, rows, sizes in self.split:
             f = len(clusters)
             block = local[in_order[:, positions]].T
-            weights = (block[:, :, None] == torch.arange(f)).to(columns.dtype) / sizes
-            product = columns @ weights.reshape(columns.shape[1], p * f)
+            weights = (block[:, :, None] == torch.arange(f)).to(rows.dtype) / sizes
+            product = rows.T @ weights.reshape(rows.shape[0], p * f)
             means[:, :, clusters] = product.reshape(n, p, f).permute(1, 0, 2)
         out: dict[int, torch.Tensor] = {}
         for c in counts:
