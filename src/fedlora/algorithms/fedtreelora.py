@@ -20,8 +20,9 @@ layer, with cuts that never get coarser from shallow to deep layers.
    ``fit`` distances; a finer cut ``c > c_prev`` of it is eligible when its silhouette under
    the layer's ``test`` distances beats ``cut_permutations`` relabellings of the clients
    within the clusters of the coarser cut (p-value ``(1 + #{null >= observed}) / (B + 1)
-   <= cut_alpha / m`` for the ``m`` finer counts tried); the eligible cut with the best
-   silhouette wins, else ``c_prev`` stays.
+   <= cut_alpha / m`` for the ``m`` finer counts tried; a sequential test that stops once a
+   count cannot pass, with the full test's decisions: :func:`cut_layer`); the eligible cut
+   with the best silhouette wins, else ``c_prev`` stays.
    Splitting the entries keeps the test honest: the partitions are chosen on numbers the
    test does not see. ``cut = "threshold"`` (the paper, default): ``score(1) = tau``,
    ``score(c >= 2)`` = silhouette of ``P_c`` under ``D_l``; ``c_l = argmax`` (the smallest
