@@ -413,8 +413,7 @@ def cut_layer(
     draws = rule.permutations if rule.kind == "calibrated" and finer else 0
     keys = rng.random((draws, distance.shape[0]))
     scorer = _CutScorer(distance, cuts, c_prev, high)
-    observed = scorer.silhouettes(scorer.order[None, :], [c for c in candidates if c >= 2])
-    scores = {c: float(s[0]) for c, s in observed.items()}
+    scores = scorer.observed([c for c in candidates if c >= 2])
     if rule.kind == "threshold":
         if c_prev == 1:
             scores = {1: rule.tau, **scores}
@@ -446,15 +445,15 @@ class _CutScorer:
     Works at the finest cut: the mean distance of every client to each of its clusters.
     A relabelling changes only the clusters of the blocks the finer cuts split, so their
     means come from one product per split block (the distance's columns of the block's
-    clients by the relabelled one-hot of that block's clusters), the others' once; the
-    coarser cuts' means are size-weighted sums of the finest one's.
+    clients by the relabelled one-hot of that block's clusters), the others' are the
+    observed ones; the coarser cuts' means are size-weighted sums of the finest one's.
     """
 
     def __init__(self, distance: torch.Tensor, cuts: Mapping[int, np.ndarray], c_prev: int, high: int) -> None:
         blocks, fine = cuts[c_prev], cuts[high]
         n = len(fine)
         self.high, self.fine = high, fine
-        #: The clients in block order (the identity relabelling as a row of :func:`_block_orders`).
+        #: The clients in block order.
         self.order = np.argsort(blocks, kind="stable")
         self.position = np.empty(n, dtype=np.int64)
         self.position[self.order] = np.arange(n)
@@ -462,10 +461,10 @@ class _CutScorer:
         sizes = np.bincount(fine, minlength=high)
         self.sizes = torch.from_numpy(sizes).to(distance.dtype)[None, :]
         block_of = blocks[first]
-        fixed = np.flatnonzero(np.bincount(block_of, minlength=c_prev)[block_of] == 1)
-        onehot = torch.from_numpy(fine[:, None] == fixed[None, :]).to(distance.dtype)
-        self.fixed = torch.from_numpy(fixed)
-        self.fixed_means = distance @ (onehot / self.sizes[:, self.fixed])
+        onehot = torch.from_numpy(fine[:, None] == np.arange(high)[None, :]).to(distance.dtype)
+        #: The observed mean distances ``(N, high)``.
+        self.means = distance @ (onehot / self.sizes)
+        self.fixed = torch.from_numpy(np.flatnonzero(np.bincount(block_of, minlength=c_prev)[block_of] == 1))
         bounds = np.concatenate([[0], np.cumsum(np.bincount(blocks, minlength=c_prev))])
         #: Per split block: its positions in block order, its clusters, their index among
         #: them by cluster, the distance's rows of its clients (its columns: the distance is
@@ -483,20 +482,28 @@ class _CutScorer:
             self.split.append((positions, torch.from_numpy(clusters), torch.from_numpy(local), rows, cluster_sizes))
         self.to_coarse = {c: torch.from_numpy(cuts[c][first]) for c in range(c_prev, high + 1)}
 
+    def observed(self, counts: Sequence[int]) -> dict[int, float]:
+        """The silhouette of each cut in ``counts``."""
+        sil = self._silhouettes(self.means[None], torch.from_numpy(self.fine)[None], counts)
+        return {c: float(s[0]) for c, s in sil.items()}
+
     def silhouettes(self, orders: np.ndarray, counts: Sequence[int]) -> dict[int, torch.Tensor]:
         """Silhouettes ``(P,)`` of each cut in ``counts`` under the relabellings ``orders``
         (rows of :func:`_block_orders`)."""
         p, n = orders.shape
         in_order = torch.from_numpy(self.fine[orders])
-        labels = in_order[:, torch.from_numpy(self.position)]
-        means = self.fixed_means.new_empty(p, n, self.high)
-        means[:, :, self.fixed] = self.fixed_means
+        means = self.means.new_empty(p, n, self.high)
+        means[:, :, self.fixed] = self.means[:, self.fixed]
         for positions, clusters, local, rows, sizes in self.split:
             f = len(clusters)
             block = local[in_order[:, positions]].T
             weights = (block[:, :, None] == torch.arange(f)).to(rows.dtype) / sizes
             product = rows.T @ weights.reshape(rows.shape[0], p * f)
             means[:, :, clusters] = product.reshape(n, p, f).permute(1, 0, 2)
+        return self._silhouettes(means, in_order[:, torch.from_numpy(self.position)], counts)
+
+    def _silhouettes(self, means: torch.Tensor, labels: torch.Tensor, counts: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Silhouettes of the cuts in ``counts`` from the finest cut's ``means`` and ``labels``."""
         out: dict[int, torch.Tensor] = {}
         for c in counts:
             to_coarse = self.to_coarse[c]
