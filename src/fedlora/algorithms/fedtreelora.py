@@ -344,7 +344,7 @@ def silhouettes(distance: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     onehot = torch.nn.functional.one_hot(labels, num).to(distance.dtype)
     p, n = labels.shape
     sizes = onehot.sum(1)
-    weights = (onehot / sizes[:, None, :]).permute(1, 0, 2).reshape(n, p * num)
+    weights = (onehot / sizes.clamp_min(1)[:, None, :]).permute(1, 0, 2).reshape(n, p * num)
     means = (distance @ weights).reshape(n, p, num).permute(1, 0, 2)
     return _silhouettes_from_means(means, labels, sizes)
 
