@@ -7,8 +7,9 @@ half of the layers. Times, best of ``--repeats``, on one thread:
 - ``distances``: :func:`layer_distances` (per-layer Frobenius distances from the whole B
   factors and from their even and odd entries: float32 Gram matrices);
 - ``plan``: :func:`plan_tree` at the default options (average-linkage tree of the global
-  distance, the calibrated cut: a second tree on the ``fit`` distances and, per layer, 99
-  within-cluster relabellings tested on the ``test`` distances); ``--cut threshold`` for
+  distance, the calibrated cut: a second tree on the ``fit`` distances and, per layer, up
+  to 99 within-cluster relabellings tested on the ``test`` distances, a sequential test
+  that stops once a split cannot pass); ``--cut threshold`` for
   the paper's rule;
 - ``fit``: :func:`tree_fit` (the cophenetic correlation that ``rebuild_fit`` checks each round).
 

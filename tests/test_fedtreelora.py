@@ -25,6 +25,7 @@ from fedlora.algorithms.fedtreelora import (
     build_tree,
     canonical_labels,
     choose_cluster_counts,
+    cut_layer,
     layer_distances,
     plan_tree,
     silhouettes,
@@ -265,7 +266,9 @@ def test_silhouettes_match_sklearn(seed: int, n: int, c: int) -> None:
     points = rng.normal(size=(n, 3))
     distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
     ours = silhouettes(torch.from_numpy(distance), torch.from_numpy(labels)[None])
-    assert float(ours[0]) == pytest.approx(silhouette_score(distance, labels, metric="precomputed"), abs=1e-12)
+    theirs = silhouette_score(distance, labels, metric="precomputed")
+    assert float(ours[0]) == pytest.approx(theirs, abs=1e-12)
+    assert plain_silhouette(distance, labels) == pytest.approx(theirs, abs=1e-12)  # the reference below
 
 
 def test_block_permutations_move_clients_within_their_block_only() -> None:
@@ -276,6 +279,100 @@ def test_block_permutations_move_clients_within_their_block_only() -> None:
     # Every client of block 0 (three of them) lands on client 0's seat about a third of the time.
     assert sorted(set(perms[:, 0].tolist())) == [0, 2, 5]
     assert np.bincount(perms[:, 0], minlength=6)[[0, 2, 5]].min() > 40
+
+
+def plain_silhouette(distance: np.ndarray, labels: np.ndarray) -> float:
+    """The silhouette by its definition in numpy (float64), cluster by cluster."""
+    n = len(labels)
+    clusters = sorted(set(labels.tolist()))
+    sizes = np.array([(labels == k).sum() for k in clusters])
+    sums = np.stack([distance[:, labels == k].sum(1) for k in clusters], axis=1)
+    own = np.searchsorted(clusters, labels)
+    a = sums[np.arange(n), own] / np.maximum(sizes[own] - 1, 1)
+    others = sums / sizes
+    others[np.arange(n), own] = np.inf
+    b = others.min(1)
+    scored = (sizes[own] > 1) & (np.maximum(a, b) > 0)
+    return float(np.where(scored, (b - a) / np.where(scored, np.maximum(a, b), 1.0), 0.0).mean())
+
+
+def full_test(
+    distance: np.ndarray, cuts: dict[int, np.ndarray], c_prev: int, high: int, rule: CutRule, rng: np.random.Generator
+) -> tuple[int, dict[int, float], dict[int, float]]:
+    """The calibrated cut with all ``B`` relabellings scored, every silhouette by definition."""
+    finer = [c for c in range(c_prev + 1, high + 1) if c >= 2]
+    perms = block_permutations(cuts[c_prev], rule.permutations, rng)
+    scores = {c: plain_silhouette(distance, cuts[c]) for c in range(max(c_prev, 2), high + 1)}
+    p_values = {}
+    for c in finer:
+        null = [plain_silhouette(distance, cuts[c][perm]) for perm in perms]
+        p_values[c] = (1 + sum(s >= scores[c] - 1e-6 for s in null)) / (rule.permutations + 1)
+    eligible = [c for c in finer if p_values[c] <= rule.alpha / len(finer)]
+    return (max(eligible, key=lambda c: (scores[c], -c)) if eligible else c_prev), scores, p_values
+
+
+def test_sequential_test_decides_as_the_full_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 24 federations of 40 clients, planted (two or four groups) or exchangeable noise, each
+    # tested from c_prev = 1 and from c_prev = 2 against a plain full test (all 99
+    # relabellings, silhouettes by definition): the same count, the same scores, the same
+    # p-values for the counts tested to the end, every count stopped early above the level
+    # in the full test too, and the same random numbers drawn.
+    from fedlora.algorithms import fedtreelora
+
+    scored: list[int] = []
+    original = fedtreelora._CutScorer.silhouettes
+
+    def counting(self: Any, orders: np.ndarray, counts: Any) -> dict[int, torch.Tensor]:
+        scored.append(len(orders))
+        return original(self, orders, counts)
+
+    monkeypatch.setattr(fedtreelora._CutScorer, "silhouettes", counting)
+    rule = CutRule("calibrated")
+    early = passed = 0
+    for seed in range(24):
+        rng = np.random.default_rng(seed)
+        groups = (1, 2, 4)[seed % 3]
+        # Split-half, as plan_tree does: the tree of one look at the clients, tested on another.
+        fit, test = rng.normal(size=(2, 40, 24)) + 3.0 * rng.normal(size=(groups, 24))[np.arange(40) % groups]
+        cuts = tree_cuts(build_tree(np.linalg.norm(fit[:, None] - fit[None], axis=-1)), range(1, 7))
+        distance = np.linalg.norm(test[:, None] - test[None], axis=-1)
+        for c_prev in (1, 2):
+            high = c_prev + 2
+            full_rng, rng = np.random.default_rng(seed), np.random.default_rng(seed)
+            expected = full_test(distance, cuts, c_prev, high, rule, full_rng)
+            scored.clear()
+            got = cut_layer(torch.from_numpy(distance), cuts, c_prev, high, rule, rng)
+            assert rng.random() == full_rng.random()
+            assert got.count == expected[0]
+            assert got.scores == pytest.approx(expected[1], abs=1e-12)
+            # A count that passes is tested to the end; one stopped early failed in both.
+            for c, p in expected[2].items():
+                assert got.p_values[c] == p or min(p, got.p_values[c]) > rule.alpha / 2
+            assert sum(scored) <= rule.permutations
+            early += sum(scored) < rule.permutations
+            passed += any(p <= rule.alpha / 2 for p in expected[2].values())
+    # Half of the 48 tests stopped early (all without a passing count); the other half had a
+    # count that passes, so ran all 99 relabellings.
+    assert early == 24 and passed == 24
+
+
+def test_sequential_test_by_hand() -> None:
+    # 16 clients in two groups, eight at 0 and eight at 100 on a line, one block (c_prev = 1).
+    # The planted 2-cut: a silhouette of exactly 1, and no relabelling of 8 + 8 clients
+    # reproduces it among the 99 (chance 2 / 12870 each), so the test runs to the end:
+    # p = 1 / 100. The 2-cut that puts four of each group in each cluster: every client has
+    # a = 400 / 7 (3 others at 0, 4 at 100) and b = 400 / 8, s = (50 - 57.14) / 57.14 =
+    # -1/8, the least an 8 + 8 split of these clients scores; every relabelling is at least
+    # as good, so the first 16 stop the test: p = max(16 / 16, 17 / 100) = 1.
+    position = np.repeat([0.0, 100.0], 8)
+    distance = torch.from_numpy(np.abs(position[:, None] - position[None, :]))
+    rule = CutRule("calibrated")
+    planted = {1: np.zeros(16, dtype=np.int64), 2: np.repeat([0, 1], 8)}
+    found = cut_layer(distance, planted, 1, 2, rule, np.random.default_rng(0))
+    assert found.count == 2 and found.scores == {2: 1.0} and found.p_values == {2: 0.01}
+    mixed = {1: planted[1], 2: np.tile([0, 0, 0, 0, 1, 1, 1, 1], 2)}
+    none = cut_layer(distance, mixed, 1, 2, rule, np.random.default_rng(0))
+    assert none.count == 1 and none.scores[2] == pytest.approx(-1 / 8) and none.p_values == {2: 1.0}
 
 
 def planted_points(
