@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct, ``instruct_mix`` (sentiment, topic, headline, qa), 8 clie
 one task group each (2 per group), LoRA rank 8 on q_proj and v_proj (configs/nlg.toml).
 Runs each algorithm, then prints and writes ``nlg.md``: the final personalized ROUGE-1
 (%) of every task group (each group's test examples pooled over its clients), their
-average, exact match on the short-answer groups, and the paper's FLAN figures beside
-them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62, FedTreeLoRA 63.19); then, for the runs
+average and exact match on the short-answer groups, for both evaluation protocols, with
+the paper's FLAN figures beside them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62, FedTreeLoRA 63.19); then, for the runs
 with a mixing weight (fedtreelora), lambda per round (mean and range over the clients'
 modules). A finished run with the same settings under ``--out`` is read back, not rerun
 (``fedlora.experiment.reuse_run``), so algorithms can run in separate processes and a
@@ -38,29 +38,39 @@ SHORT_ANSWER_GROUPS = ("sentiment", "topic")
 PAPER_AVERAGE_ROUGE1 = {"fedit": 57.62, "fedtreelora": 63.19}
 
 
+#: The evaluation protocols of the table: (label, key suffix of the summary's ``final`` row).
+PROTOCOL_ROWS = (("trained", ""), ("received", "_received"))
+
+
 def table(summaries: dict[str, dict[str, Any]]) -> str:
-    """Markdown table of final ROUGE-1 per group, its average and exact match (all in %)."""
-    groups = [g for g in GROUPS if any(g in (s["final"].get("personalized_groups") or {}) for s in summaries.values())]
+    """Markdown table of final ROUGE-1 per group, its average and exact match (all in %), one
+    line per algorithm and evaluation protocol ("trained": after the client's local training,
+    "received": on the model the server sent it)."""
+    finals = [s["final"] for s in summaries.values()]
+    groups = [g for g in GROUPS if any(g in (f.get("personalized_groups") or {}) for f in finals)]
+    em_groups = [g for g in groups if g in SHORT_ANSWER_GROUPS]
     header = (
-        "| algorithm | "
+        "| algorithm | protocol | "
         + " | ".join(f"{g} R-1" for g in groups)
         + " | average R-1 | "
-        + " | ".join(f"{g} EM" for g in groups if g in SHORT_ANSWER_GROUPS)
+        + " | ".join(f"{g} EM" for g in em_groups)
         + " | paper average R-1 (FLAN, LLaMA-2-7B) | wall s |"
     )
-    em_groups = [g for g in groups if g in SHORT_ANSWER_GROUPS]
-    lines = [header, "|---" * (len(groups) + len(em_groups) + 4) + "|"]
+    lines = [header, "|---" * (len(groups) + len(em_groups) + 5) + "|"]
     for algo, s in summaries.items():
-        per_group = s["final"].get("personalized_groups") or {}
-        r1 = [100 * per_group[g]["rouge1"] for g in groups if g in per_group]
-        average = sum(r1) / len(r1) if r1 else float("nan")
-        ems = [f"{100 * per_group[g]['exact_match']:.2f}" if g in per_group else "n/a" for g in em_groups]
         paper = PAPER_AVERAGE_ROUGE1.get(algo)
-        cells = [f"{100 * per_group[g]['rouge1']:.2f}" if g in per_group else "n/a" for g in groups]
-        lines.append(
-            f"| {algo} | {' | '.join(cells)} | {average:.2f} | {' | '.join(ems)} "
-            f"| {paper if paper is not None else '-'} | {s['wall_seconds']:.0f} |"
-        )
+        for protocol, suffix in PROTOCOL_ROWS:
+            per_group = s["final"].get(f"personalized_groups{suffix}")
+            if not per_group:
+                continue
+            r1 = [100 * per_group[g]["rouge1"] for g in groups if g in per_group]
+            average = sum(r1) / len(r1) if r1 else float("nan")
+            cells = [f"{100 * per_group[g]['rouge1']:.2f}" if g in per_group else "n/a" for g in groups]
+            ems = [f"{100 * per_group[g]['exact_match']:.2f}" if g in per_group else "n/a" for g in em_groups]
+            lines.append(
+                f"| {algo} | {protocol} | {' | '.join(cells)} | {average:.2f} | {' | '.join(ems)} "
+                f"| {paper if paper is not None else '-'} | {s['wall_seconds']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
