@@ -197,6 +197,23 @@ def test_gpu_share_is_refused_without_a_gpu_and_passed_to_ray(
         simulate_module.simulate([(gpu_config, tmp_path / "gpu")], gpus_per_client=2)
 
 
+def test_an_embedded_simulation_waits_for_its_engine_not_for_remote_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlora.flower import simulate as simulate_module
+    from fedlora.flower.server import ServerOptions
+
+    seen: list[ServerOptions | None] = []
+    monkeypatch.setattr(simulate_module, "make_server_app", lambda runs, options: seen.append(options))
+    monkeypatch.setattr("flwr.simulation.run_simulation", lambda **kwargs: None)
+    runs = [(load_config(SMOKE), tmp_path / "r")]
+    for options in (None, ServerOptions(node_wait=5.0)):
+        with pytest.raises(FedLoraError, match="did not finish"):  # the stub runs nothing
+            simulate_module.simulate(runs, options=options)
+    # 900 s by default (a loaded machine took over 120 s to start the engine); given options win.
+    assert [o.node_wait for o in seen if o is not None] == [900.0, 5.0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DP_RUNS))
 def test_differential_privacy_is_the_same_in_both_runtimes(

@@ -10,6 +10,12 @@ from fedlora.config import Config
 from fedlora.errors import FedLoraError
 from fedlora.flower.server import ServerOptions, make_server_app
 
+#: Seconds the server of an embedded simulation waits for its virtual nodes (default
+#: options): they are local and come as soon as the engine has started, which on a loaded
+#: machine can take longer than a deployment's default of 120 s (measured: more than 120 s
+#: with four busy processes on 2 cores), so a slow start is not taken for missing clients.
+SIMULATION_NODE_WAIT = 900.0
+
 
 def check_gpu_share(gpus_per_client: float, configs: Sequence[Config]) -> None:
     """Refuse a GPU share Ray could never grant, or one the runs would not use.
@@ -54,7 +60,8 @@ def simulate(
         Run configurations (as for ``fedlora run``) and the directories their outputs go
         to; they run one after the other on one start of the engine.
     options
-        How the server waits for nodes and replies.
+        How the server waits for nodes and replies (default: every reply, and up to
+        ``SIMULATION_NODE_WAIT`` seconds for the engine's nodes).
     cpus_per_client
         CPUs Ray reserves for each ClientApp (``parallel`` of them run at once).
     gpus_per_client
@@ -70,7 +77,7 @@ def simulate(
     from fedlora.flower.client import app as client_app
 
     run_simulation(
-        server_app=make_server_app(runs, options),
+        server_app=make_server_app(runs, options or ServerOptions(node_wait=SIMULATION_NODE_WAIT)),
         client_app=client_app,
         num_supernodes=max(config.data.num_clients for config, _ in runs),
         backend_config={
