@@ -5,11 +5,11 @@ one task group each (2 per group), LoRA rank 8 on q_proj and v_proj (configs/nlg
 Runs each algorithm, then prints and writes ``nlg.md``: the final personalized ROUGE-1
 (%) of every task group (each group's test examples pooled over its clients), their
 average and exact match on the short-answer groups, for both evaluation protocols, with
-the paper's FLAN figures beside them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62, FedTreeLoRA 63.19); then, for the runs
-with a mixing weight (fedtreelora), lambda per round (mean and range over the clients'
-modules). A finished run with the same settings under ``--out`` is read back, not rerun
-(``fedlora.experiment.reuse_run``), so algorithms can run in separate processes and a
-last call with all of them writes the table.
+the paper's FLAN figures beside them (LLaMA-2-7B: average ROUGE-1 FedIT 57.62,
+FedTreeLoRA 63.19); then, for the runs with a mixing weight (fedtreelora), lambda per
+round (mean and range over the clients' modules). A finished run with the same settings
+under ``--out`` is read back, not rerun (``fedlora.experiment.reuse_run``), so algorithms
+can run in separate processes and a last call with all of them writes the table.
 
     python benchmarks/nlg.py --out runs/nlg
     python benchmarks/nlg.py --out /tmp/nlg_tiny --algorithms fedit --set data.num_clients=2 ...

@@ -21,8 +21,8 @@ Example (the pilot of docs/results.md, "Learning rate per method")::
 
 The heterogeneous-rank methods (docs/results.md, "Learning rate per method")::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/tune_lr.py --datasets bbc_news \
-        --methods zeropad,hetlora,flexlora,flora,fedhl:optimal --ranks 2,4,8,16 --score global \
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/tune_lr.py --datasets bbc_news \\
+        --methods zeropad,hetlora,flexlora,flora,fedhl:optimal --ranks 2,4,8,16 --score global \\
         --clients 10 --rounds 4 --steps 4 --max-train 60 --max-test 40 --out runs/tune_lr
 """
 
